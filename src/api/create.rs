@@ -1,0 +1,94 @@
+//! `create` (http://hl7.org/fhir/R4/http.html#create): `POST /{type}` with a server-assigned
+//! id; 201 + `Location` + `ETag`. With `If-None-Exist` it is a conditional create
+//! (http://hl7.org/fhir/R4/http.html#ccreate): no match → create, one match → 200 with the
+//! existing resource and nothing written, several → 412.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::{
+    check_resource_type, conditional, negotiate, read_body, return_preference, write, AppState,
+    QueryParams, VersionResponse,
+};
+use crate::error::{ApiError, ApiResult, IssueCode};
+use crate::fhir::format::request_format;
+use crate::fhir::parse::parse_resource;
+
+/// `POST /{type}`.
+#[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
+pub async fn create(
+    State(app): State<AppState>,
+    Path(resource_type): Path<String>,
+    query: QueryParams,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    check_resource_type(&resource_type)?;
+    let format = negotiate(&query, &headers)?;
+    let input_format = request_format(&headers)?;
+    let bytes = read_body(&headers, body, app.settings.max_body_bytes).await?;
+    let resource = parse_resource(&bytes, input_format, &app.validator)?;
+    check_body_type(&resource, &resource_type)?;
+    let scope = app.scope();
+
+    if let Some(criteria) = headers.get("if-none-exist") {
+        let criteria = criteria.to_str().map_err(|_| {
+            ApiError::invalid(IssueCode::Value, "If-None-Exist must be a query string")
+        })?;
+        let criteria = QueryParams::parse(criteria.trim_start_matches('?'));
+        let mut matches = conditional::find(&app, &scope, &resource_type, &criteria).await?;
+        match matches.len() {
+            0 => {}
+            1 => {
+                let existing = matches.remove(0);
+                return VersionResponse {
+                    app: &app,
+                    record: &existing,
+                    status: StatusCode::OK,
+                    format,
+                    preference: return_preference(&headers),
+                    outcome_message: "a matching resource exists; nothing was created".into(),
+                }
+                .into_response();
+            }
+            _ => {
+                return Err(ApiError::MultipleMatches(
+                    "If-None-Exist matches more than one resource".into(),
+                ))
+            }
+        }
+    }
+
+    let record = write::create_new(&app, &scope, &resource_type, resource).await?;
+    tracing::info!(version = record.version, "created");
+    VersionResponse {
+        app: &app,
+        record: &record,
+        status: StatusCode::CREATED,
+        format,
+        preference: return_preference(&headers),
+        outcome_message: format!("created {resource_type}/{} version 1", record.id),
+    }
+    .into_response()
+}
+
+/// The body's `resourceType` must be the type in the URL.
+///
+/// # Errors
+/// 400 naming `resourceType` when they differ.
+pub fn check_body_type(
+    resource: &serde_json::Map<String, serde_json::Value>,
+    resource_type: &str,
+) -> ApiResult<()> {
+    if resource.get("resourceType").and_then(|value| value.as_str()) == Some(resource_type) {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(vec![crate::error::Issue::new(
+            IssueCode::Invalid,
+            format!("resourceType must be {resource_type} at this URL"),
+        )
+        .at("resourceType")]))
+    }
+}

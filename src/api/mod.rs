@@ -1,0 +1,340 @@
+//! The FHIR RESTful API (http://hl7.org/fhir/R4/http.html): the router, the shared state, and
+//! the pieces every interaction uses (request reading, content negotiation, response headers).
+//! One file per interaction.
+
+mod capabilities;
+mod conditional;
+mod create;
+mod delete;
+mod health;
+mod history;
+mod read;
+mod update;
+mod vread;
+mod write;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::config::Settings;
+use crate::error::{ApiError, ApiResult};
+use crate::fhir::bundle::etag;
+use crate::fhir::compartment::PatientCompartment;
+use crate::fhir::format::{response_format, Format};
+use crate::fhir::validate::Validator;
+use crate::store::{Scope, Store, VersionRecord};
+
+/// Everything a request handler needs, shared by all requests.
+pub struct App {
+    /// The settings the server started with.
+    pub settings: Settings,
+    /// Resource storage (SQLite or PostgreSQL).
+    pub store: Arc<dyn Store>,
+    /// Primitive-format and required-binding checks.
+    pub validator: Validator,
+    /// Which patient a resource belongs to.
+    pub compartment: PatientCompartment,
+    /// Public base URL, without a trailing slash.
+    pub base_url: String,
+    /// The CapabilityStatement, built once.
+    pub capability_statement: serde_json::Value,
+}
+
+/// The axum state: one `App` behind an `Arc`.
+pub type AppState = Arc<App>;
+
+impl App {
+    /// The store scope of a request (the tenant this node serves).
+    pub fn scope(&self) -> Scope {
+        Scope {
+            tenant: self.settings.tenant.clone(),
+        }
+    }
+}
+
+/// The HTTP router with every FHIR endpoint and the cross-cutting layers.
+pub fn router(app: AppState) -> Router {
+    let timeout = Duration::from_secs(app.settings.request_timeout_secs.max(1));
+    Router::new()
+        .route("/metadata", get(capabilities::capabilities))
+        .route("/health", get(health::live))
+        .route("/ready", get(health::ready))
+        .route("/_history", get(history::history_system))
+        .route(
+            "/{resource_type}",
+            axum::routing::post(create::create)
+                .put(update::conditional_update)
+                .delete(delete::conditional_delete),
+        )
+        .route("/{resource_type}/_history", get(history::history_type))
+        .route(
+            "/{resource_type}/{id}",
+            get(read::read).put(update::update).delete(delete::delete),
+        )
+        .route("/{resource_type}/{id}/_history", get(history::history_instance))
+        .route("/{resource_type}/{id}/_history/{version}", get(vread::vread))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(move |request, next| {
+            deadline(timeout, request, next)
+        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::Internal("handler panicked".into()).into_response()
+        }))
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(app)
+}
+
+/// The span of a request: method, route template and request id. Never the query string or the
+/// concrete path, which may carry identifiers.
+fn request_span(request: &Request) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    tracing::info_span!("request", method = %request.method(), route, request_id)
+}
+
+/// Abandons a request that takes longer than the configured timeout, answering 503.
+async fn deadline(timeout: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
+    }
+}
+
+/// The query string as ordered name/value pairs (names may repeat).
+#[derive(Debug, Default, Clone)]
+pub struct QueryParams(pub Vec<(String, String)>);
+
+impl QueryParams {
+    /// The first value of a parameter.
+    pub fn first(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Parses a query string (`a=1&b=2`).
+    pub fn parse(query: &str) -> Self {
+        QueryParams(form_urlencoded::parse(query.as_bytes()).into_owned().collect())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(QueryParams::parse(parts.uri.query().unwrap_or_default()))
+    }
+}
+
+/// Checks that `resource_type` is served here.
+///
+/// # Errors
+/// 404 for an unknown (or not served) resource type.
+pub fn check_resource_type(resource_type: &str) -> ApiResult<()> {
+    if crate::fhir::capability::is_served(resource_type) {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(
+            "unknown or unsupported resource type".to_string(),
+        ))
+    }
+}
+
+/// Reads a request body up to `limit` bytes; a declared or actual larger body is 413, and is
+/// refused before it is read whole.
+///
+/// # Errors
+/// 413 when too large, 400 when the body cannot be read.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let too_large = || ApiError::PayloadTooLarge(format!("the request body exceeds {limit} bytes"));
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let length_limit = std::error::Error::source(&error)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if length_limit {
+            too_large()
+        } else {
+            ApiError::invalid(crate::error::IssueCode::Invalid, "the request body could not be read")
+        }
+    })
+}
+
+/// What the client asked for with `Prefer: return=…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnPreference {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+/// Reads `Prefer: return=…` (default: the representation).
+pub fn return_preference(headers: &HeaderMap) -> ReturnPreference {
+    let prefer = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split([',', ';']))
+        .map(str::trim)
+        .find_map(|token| token.strip_prefix("return="));
+    match prefer.map(|value| value.trim_matches('"')) {
+        Some("minimal") => ReturnPreference::Minimal,
+        Some("OperationOutcome") => ReturnPreference::OperationOutcome,
+        _ => ReturnPreference::Representation,
+    }
+}
+
+/// Parses `If-Match: W/"3"` (or `"3"`, or `3`) into a version number.
+///
+/// # Errors
+/// 400 when the header is present but is not a version ETag.
+pub fn if_match_version(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    text.parse::<i64>().map(Some).map_err(|_| {
+        ApiError::invalid(
+            crate::error::IssueCode::Value,
+            "If-Match must be a version ETag such as W/\"1\"",
+        )
+    })
+}
+
+/// Serializes a stored JSON body in the requested format.
+///
+/// # Errors
+/// 500 when a stored body cannot be converted (a broken invariant).
+pub fn encode_body(json: &[u8], format: Format) -> ApiResult<Vec<u8>> {
+    match format {
+        Format::Json => Ok(json.to_vec()),
+        Format::Xml => fhir_codec::json_to_xml(json)
+            .map_err(|error| ApiError::Internal(format!("stored resource not convertible: {error}"))),
+    }
+}
+
+/// Serializes a server-built JSON value (Bundle, OperationOutcome) in the requested format.
+///
+/// # Errors
+/// 500 when the value is not a valid resource (a bug).
+pub fn encode_value(value: &serde_json::Value, format: Format) -> ApiResult<Vec<u8>> {
+    let json = serde_json::to_vec(value)
+        .map_err(|error| ApiError::Internal(format!("cannot serialize: {error}")))?;
+    encode_body(&json, format)
+}
+
+/// A response carrying a resource version: `ETag`, `Last-Modified`, and (for 201) `Location`.
+pub struct VersionResponse<'a> {
+    pub app: &'a App,
+    pub record: &'a VersionRecord,
+    pub status: StatusCode,
+    pub format: Format,
+    pub preference: ReturnPreference,
+    /// An informational message for `Prefer: return=OperationOutcome`.
+    pub outcome_message: String,
+}
+
+impl VersionResponse<'_> {
+    /// Builds the HTTP response.
+    ///
+    /// # Errors
+    /// 500 when the stored body cannot be encoded.
+    pub fn into_response(self) -> ApiResult<Response> {
+        let record = self.record;
+        let body = match (self.preference, &record.body) {
+            (ReturnPreference::Minimal, _) | (_, None) => Vec::new(),
+            (ReturnPreference::OperationOutcome, _) => encode_value(
+                &serde_json::json!({
+                    "resourceType": "OperationOutcome",
+                    "issue": [crate::error::outcome_issue(
+                        "information", "informational", &self.outcome_message, None)]
+                }),
+                self.format,
+            )?,
+            (ReturnPreference::Representation, Some(json)) => encode_body(json, self.format)?,
+        };
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        if !response_body_is_empty(self.preference, record) {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(self.format.content_type()));
+        }
+        insert_header(headers, header::ETAG, &etag(record.version));
+        insert_header(headers, header::LAST_MODIFIED, &http_date(record.last_updated));
+        if self.status == StatusCode::CREATED {
+            let location = format!(
+                "{}/{}/{}/_history/{}",
+                self.app.base_url, record.resource_type, record.id, record.version
+            );
+            insert_header(headers, header::LOCATION, &location);
+        }
+        Ok(response)
+    }
+}
+
+fn response_body_is_empty(preference: ReturnPreference, record: &VersionRecord) -> bool {
+    preference == ReturnPreference::Minimal
+        || (preference == ReturnPreference::Representation && record.body.is_none())
+}
+
+/// Inserts a header whose value this server built (always valid ASCII).
+pub fn insert_header(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+/// An HTTP date (`Last-Modified`).
+pub fn http_date(time: DateTime<Utc>) -> String {
+    time.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// The response format of a request: `_format`, else `Accept`.
+///
+/// # Errors
+/// 406 when nothing acceptable can be produced.
+pub fn negotiate(query: &QueryParams, headers: &HeaderMap) -> ApiResult<Format> {
+    response_format(query.first("_format"), headers)
+}
+
+/// A JSON/XML response of a server-built resource with a status.
+///
+/// # Errors
+/// 500 when the value cannot be encoded.
+pub fn value_response(status: StatusCode, value: &serde_json::Value, format: Format) -> ApiResult<Response> {
+    let body = encode_value(value, format)?;
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    Ok(response)
+}

@@ -1,0 +1,233 @@
+//! The write path shared by create, update and delete: stamp the server's `id` and `meta`, find
+//! the patient compartment, and commit the version with optimistic concurrency.
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+
+use crate::api::App;
+use crate::error::{ApiError, ApiResult};
+use crate::fhir::bundle::instant;
+use crate::store::{Expected, Scope, StoreError, VersionRecord, VersionWrite, WriteMethod};
+
+/// How often an update without `If-Match` re-reads the head after losing a race before it gives
+/// up with 409. Losing more than a few times in a row means heavy contention on one resource.
+const MAX_WRITE_ATTEMPTS: usize = 8;
+
+/// A committed write.
+pub struct Written {
+    pub record: VersionRecord,
+    /// True when no version of the resource existed before (201), false for an update (200).
+    pub created: bool,
+}
+
+/// The resource as stored: `resourceType`, then the server's `id` and `meta` (client `meta`
+/// elements other than `versionId` and `lastUpdated` kept), then the rest in the client's order.
+pub fn stamp(
+    mut resource: Map<String, Value>,
+    id: &str,
+    version: i64,
+    last_updated: chrono::DateTime<Utc>,
+) -> Value {
+    let mut stamped = Map::with_capacity(resource.len() + 2);
+    let resource_type = resource.shift_remove("resourceType").unwrap_or(Value::Null);
+    stamped.insert("resourceType".into(), resource_type);
+    stamped.insert("id".into(), Value::String(id.to_string()));
+    resource.shift_remove("id");
+    let mut meta = Map::new();
+    meta.insert("versionId".into(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".into(), Value::String(instant(last_updated)));
+    if let Some(Value::Object(client_meta)) = resource.shift_remove("meta") {
+        for (key, value) in client_meta {
+            if key != "versionId" && key != "lastUpdated" {
+                meta.insert(key, value);
+            }
+        }
+    }
+    stamped.insert("meta".into(), Value::Object(meta));
+    stamped.extend(resource);
+    Value::Object(stamped)
+}
+
+fn serialize(resource: &Value) -> ApiResult<Vec<u8>> {
+    serde_json::to_vec(resource).map_err(|error| ApiError::Internal(format!("cannot serialize: {error}")))
+}
+
+/// Writes `resource` as the next version of `resource_type/id` (create when it never existed).
+/// With `if_match`, the current version must be that one, else 412.
+///
+/// # Errors
+/// 412 on a stale `If-Match`, 409 after repeated lost races, 503 when the database is down.
+pub async fn put_version(
+    app: &App,
+    scope: &Scope,
+    resource_type: &str,
+    id: &str,
+    resource: Map<String, Value>,
+    if_match: Option<i64>,
+    method: WriteMethod,
+) -> ApiResult<Written> {
+    let compartment_patient = app
+        .compartment
+        .patient_of(resource_type, id, &Value::Object(resource.clone()));
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = app.store.read_current(scope, resource_type, id).await?;
+        let (expected, version) = expectation(current.as_ref(), if_match)?;
+        let last_updated = Utc::now();
+        let body = serialize(&stamp(resource.clone(), id, version, last_updated))?;
+        let write = VersionWrite {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version,
+            expected,
+            method,
+            last_updated,
+            body: Some(body),
+            compartment_patient: compartment_patient.clone(),
+            key_id: None,
+        };
+        match app.store.write(scope, write).await {
+            Ok(record) => {
+                return Ok(Written {
+                    record,
+                    created: current.is_none(),
+                })
+            }
+            Err(StoreError::VersionConflict) if if_match.is_some() => {
+                return Err(stale_version(if_match.unwrap_or_default()))
+            }
+            Err(StoreError::VersionConflict) => continue,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(ApiError::Conflict(
+        "the resource is being changed concurrently; retry".into(),
+    ))
+}
+
+/// Records a deletion as the next version. Returns `None` when the resource is already deleted
+/// (nothing is written: deleting twice changes nothing).
+///
+/// # Errors
+/// 404 when the resource never existed, 412 on a stale `If-Match`, 503 when the database is down.
+pub async fn delete_version(
+    app: &App,
+    scope: &Scope,
+    resource_type: &str,
+    id: &str,
+    if_match: Option<i64>,
+) -> ApiResult<Option<VersionRecord>> {
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let Some(current) = app.store.read_current(scope, resource_type, id).await? else {
+            return Err(ApiError::resource_not_found(resource_type, id));
+        };
+        if let Some(expected) = if_match {
+            if current.version != expected {
+                return Err(stale_version(expected));
+            }
+        }
+        if current.deleted {
+            return Ok(None);
+        }
+        let write = VersionWrite {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version: current.version + 1,
+            expected: Expected::Version(current.version),
+            method: WriteMethod::Delete,
+            last_updated: Utc::now(),
+            body: None,
+            compartment_patient: app.compartment.patient_of(
+                resource_type,
+                id,
+                &current
+                    .body
+                    .as_deref()
+                    .and_then(|body| serde_json::from_slice(body).ok())
+                    .unwrap_or(Value::Null),
+            ),
+            key_id: None,
+        };
+        match app.store.write(scope, write).await {
+            Ok(record) => return Ok(Some(record)),
+            Err(StoreError::VersionConflict) if if_match.is_some() => {
+                return Err(stale_version(if_match.unwrap_or_default()))
+            }
+            Err(StoreError::VersionConflict) => continue,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(ApiError::Conflict(
+        "the resource is being changed concurrently; retry".into(),
+    ))
+}
+
+/// Creates a new resource with a server-assigned id.
+///
+/// # Errors
+/// 503 when the database is down.
+pub async fn create_new(
+    app: &App,
+    scope: &Scope,
+    resource_type: &str,
+    resource: Map<String, Value>,
+) -> ApiResult<VersionRecord> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let last_updated = Utc::now();
+    let compartment_patient = app
+        .compartment
+        .patient_of(resource_type, &id, &Value::Object(resource.clone()));
+    let body = serialize(&stamp(resource, &id, 1, last_updated))?;
+    let write = VersionWrite {
+        resource_type: resource_type.to_string(),
+        id,
+        version: 1,
+        expected: Expected::Absent,
+        method: WriteMethod::Post,
+        last_updated,
+        body: Some(body),
+        compartment_patient,
+        key_id: None,
+    };
+    Ok(app.store.write(scope, write).await?)
+}
+
+fn expectation(current: Option<&VersionRecord>, if_match: Option<i64>) -> ApiResult<(Expected, i64)> {
+    match (current, if_match) {
+        (Some(current), Some(expected)) if current.version != expected => Err(stale_version(expected)),
+        (None, Some(expected)) => Err(stale_version(expected)),
+        (Some(current), _) => Ok((Expected::Version(current.version), current.version + 1)),
+        (None, None) => Ok((Expected::Absent, 1)),
+    }
+}
+
+fn stale_version(expected: i64) -> ApiError {
+    ApiError::PreconditionFailed(format!(
+        "If-Match names version {expected}, which is not the current version"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stamp_sets_server_fields_first_and_keeps_client_meta() {
+        let Value::Object(resource) = json!({
+            "name": [{"family": "Doe"}],
+            "resourceType": "Patient",
+            "id": "client-chosen",
+            "meta": {"versionId": "99", "tag": [{"code": "t"}]}
+        }) else {
+            unreachable!()
+        };
+        let time = chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let stamped = stamp(resource, "server-id", 3, time);
+        let keys: Vec<&String> = stamped.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["resourceType", "id", "meta", "name"]);
+        assert_eq!(stamped["id"], "server-id");
+        assert_eq!(stamped["meta"]["versionId"], "3");
+        assert_eq!(stamped["meta"]["lastUpdated"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(stamped["meta"]["tag"][0]["code"], "t");
+    }
+}

@@ -1,0 +1,170 @@
+//! Configuration: built-in defaults, then an optional TOML file (`--config` or `CUSTODIAN_CONFIG`),
+//! then environment variables `CUSTODIAN_<KEY>` (e.g. `CUSTODIAN_LISTEN`, `CUSTODIAN_DATA_DIR`,
+//! `CUSTODIAN_DATABASE_URL`). Later sources win. Every key is documented on [`Settings`] and in
+//! README.md.
+//!
+//! Secrets (the database URL may carry a password) are `secrecy` types: they never appear in
+//! `Debug` output or logs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Every setting of the server. Field names are the TOML keys and, upper-cased with the
+/// `CUSTODIAN_` prefix, the environment variables.
+#[derive(Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Address to listen on (`CUSTODIAN_LISTEN`, default `127.0.0.1:8080`; port 0 picks a free port).
+    pub listen: String,
+    /// Directory of local state: the SQLite file and, later, the local key file
+    /// (`CUSTODIAN_DATA_DIR`, default `./data`). Created on first start.
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…` (`CUSTODIAN_DATABASE_URL`). Default: `custodian.db` in the
+    /// data directory.
+    pub database_url: Option<SecretString>,
+    /// Maximum database connections in the pool (`CUSTODIAN_MAX_CONNECTIONS`).
+    pub max_connections: u32,
+    /// The public base URL used in `Location`, `fullUrl` and paging links
+    /// (`CUSTODIAN_BASE_URL`, default `http://<listen>`). Set it when behind a proxy.
+    pub base_url: Option<String>,
+    /// Directory of FHIR definition data (`CUSTODIAN_PROFILES_DIR`, default `./fhir-profiles`).
+    pub profiles_dir: PathBuf,
+    /// Largest request body accepted, in bytes (`CUSTODIAN_MAX_BODY_BYTES`, default 8 MiB);
+    /// larger bodies get 413 before they are read whole.
+    pub max_body_bytes: usize,
+    /// Seconds after which a request is abandoned with 503 (`CUSTODIAN_REQUEST_TIMEOUT_SECS`).
+    pub request_timeout_secs: u64,
+    /// Default and maximum page size of history bundles (`CUSTODIAN_PAGE_SIZE`,
+    /// `CUSTODIAN_MAX_PAGE_SIZE`).
+    pub page_size: usize,
+    pub max_page_size: usize,
+    /// Log output: `text` or `json` (`CUSTODIAN_LOG_FORMAT`). The level filter is `CUSTODIAN_LOG`.
+    pub log_format: LogFormat,
+    /// The tenant this node serves (`CUSTODIAN_TENANT`); every row carries it.
+    pub tenant: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("data"),
+            database_url: None,
+            max_connections: 16,
+            base_url: None,
+            profiles_dir: PathBuf::from("fhir-profiles"),
+            max_body_bytes: 8 * 1024 * 1024,
+            request_timeout_secs: 30,
+            page_size: 50,
+            max_page_size: 500,
+            log_format: LogFormat::Text,
+            tenant: "default".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("database", &self.database_kind())
+            .field("max_connections", &self.max_connections)
+            .field("base_url", &self.base_url)
+            .field("profiles_dir", &self.profiles_dir)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then the TOML file if given, then `CUSTODIAN_*` environment variables.
+    ///
+    /// # Errors
+    /// A readable message naming the bad key when a value has the wrong type.
+    pub fn load(config_file: Option<&Path>) -> Result<Settings, String> {
+        let mut figment = Figment::new();
+        if let Some(path) = config_file {
+            if !path.exists() {
+                return Err(format!("configuration file {} does not exist", path.display()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // CUSTODIAN_CONFIG names the file and CUSTODIAN_LOG the log filter; neither is a setting.
+        figment = figment.merge(Env::prefixed("CUSTODIAN_").ignore(&["config", "log"]));
+        figment.extract().map_err(|error| error.to_string())
+    }
+
+    /// The database URL, defaulting to a SQLite file in the data directory.
+    pub fn database_url(&self) -> SecretString {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => {
+                let file = self.data_dir.join("custodian.db");
+                SecretString::from(format!("sqlite://{}?mode=rwc", file.display()))
+            }
+        }
+    }
+
+    /// `sqlite` or `postgres` (never the URL itself, which may hold a password).
+    pub fn database_kind(&self) -> &'static str {
+        if self.database_url().expose_secret().starts_with("postgres") {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    }
+
+    /// The configured listen address.
+    ///
+    /// # Errors
+    /// When `listen` is not `host:port`.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .parse()
+            .map_err(|_| format!("listen must be host:port, got {:?}", self.listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_database_url() {
+        let settings = Settings {
+            database_url: Some(SecretString::from("postgres://app:hunter2@db/custodian")),
+            ..Settings::default()
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres"));
+    }
+
+    #[test]
+    fn default_database_is_a_sqlite_file_in_the_data_dir() {
+        let settings = Settings {
+            data_dir: PathBuf::from("/tmp/x"),
+            ..Settings::default()
+        };
+        assert_eq!(
+            settings.database_url().expose_secret(),
+            "sqlite:///tmp/x/custodian.db?mode=rwc"
+        );
+        assert_eq!(settings.database_kind(), "sqlite");
+    }
+}

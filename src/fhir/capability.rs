@@ -1,0 +1,70 @@
+//! The CapabilityStatement served at `GET /metadata`. It states exactly what this build
+//! implements (and the integration suite checks each claim against the server).
+
+use serde_json::{json, Value};
+
+/// Resource types this server accepts at its RESTful endpoints: every R4 type fhirbolt models,
+/// except those the specification or this server does not persist through the REST API.
+pub fn served_resource_types() -> impl Iterator<Item = &'static str> {
+    fhir_codec::RESOURCE_TYPES
+        .iter()
+        .copied()
+        .filter(|name| !NOT_SERVED.contains(name))
+}
+
+/// Not served: `OperationOutcome` and `Parameters` are messages, not stored resources;
+/// `AuditEvent` is written only by the server's own audit log, never through the API.
+pub const NOT_SERVED: &[&str] = &["AuditEvent", "OperationOutcome", "Parameters"];
+
+/// Whether `name` is served at `/{name}`.
+pub fn is_served(name: &str) -> bool {
+    fhir_codec::is_resource_type(name) && !NOT_SERVED.contains(&name)
+}
+
+/// The CapabilityStatement for a server at `base_url`.
+pub fn capability_statement(base_url: &str, released: &str) -> Value {
+    let interactions = [
+        "read",
+        "vread",
+        "update",
+        "delete",
+        "history-instance",
+        "history-type",
+        "create",
+    ];
+    let resources: Vec<Value> = served_resource_types()
+        .map(|name| {
+            json!({
+                "type": name,
+                "interaction": interactions.iter().map(|code| json!({ "code": code })).collect::<Vec<_>>(),
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": released,
+        "publisher": "Custodian",
+        "kind": "instance",
+        "software": { "name": "Custodian", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": {
+            "description": "Custodian FHIR R4 server",
+            "url": base_url
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "application/fhir+xml"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Conditional create, update and delete match on _id and identifier only.",
+            "resource": resources,
+            "interaction": [{ "code": "history-system" }]
+        }]
+    })
+}

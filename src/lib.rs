@@ -1,0 +1,22 @@
+//! # Custodian
+//!
+//! A FHIR R4 server for health records: every resource stored encrypted, every access decided
+//! and recorded. See DESIGN (../shared/DESIGN.md in the team's workspace) and README.md.
+//!
+//! # Layout
+//! - [`api`]: the FHIR RESTful endpoints, one file per interaction, and the router.
+//! - [`fhir`]: wire formats, strict parsing and validation, patient compartment, Bundles,
+//!   CapabilityStatement.
+//! - [`store`]: the storage trait and its SQL implementation (SQLite and PostgreSQL).
+//! - [`error`]: the one mapping from errors to OperationOutcome and HTTP status.
+//! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
+//! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,129 @@
+//! Building and running the server: load the FHIR definition data, connect and migrate the
+//! database, bind the listener, serve until a shutdown signal, then drain in-flight requests.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::api::{router, App, AppState};
+use crate::config::Settings;
+use crate::fhir::capability::capability_statement;
+use crate::fhir::compartment::PatientCompartment;
+use crate::fhir::validate::Validator;
+use crate::store::{SqlStore, Store};
+
+/// A server ready to run: bound to its port, database migrated.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    app: AppState,
+    store: Arc<SqlStore>,
+}
+
+impl Application {
+    /// Builds the server from its settings. With `listen` port 0 the OS picks a free port
+    /// (tests), readable with [`Application::port`].
+    ///
+    /// # Errors
+    /// A message when the definition data, the database or the listen address is unusable.
+    pub async fn build(settings: Settings) -> Result<Application, String> {
+        let validator = Validator::load(&settings.profiles_dir)?;
+        let compartment = PatientCompartment::load(&settings.profiles_dir)?;
+        std::fs::create_dir_all(&settings.data_dir).map_err(|error| {
+            format!("cannot create data directory {}: {error}", settings.data_dir.display())
+        })?;
+        let store = Arc::new(
+            SqlStore::connect(&settings.database_url(), settings.max_connections)
+                .await
+                .map_err(|error| format!("cannot open the database: {error}"))?,
+        );
+        store
+            .migrate()
+            .await
+            .map_err(|error| format!("cannot migrate the database: {error}"))?;
+        let listener = TcpListener::bind(settings.listen_addr()?)
+            .await
+            .map_err(|error| format!("cannot listen on {}: {error}", settings.listen))?;
+        let local = listener
+            .local_addr()
+            .map_err(|error| format!("cannot read the bound address: {error}"))?;
+        let base_url = settings
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}"))
+            .trim_end_matches('/')
+            .to_string();
+        tracing::info!(
+            address = %local,
+            database = store.backend_name(),
+            base_url = %base_url,
+            "custodian listening"
+        );
+        let app = Arc::new(App {
+            capability_statement: capability_statement(&base_url, "2026-11-22"),
+            settings,
+            store: store.clone(),
+            validator,
+            compartment,
+            base_url,
+        });
+        Ok(Application {
+            listener,
+            port: local.port(),
+            app,
+            store,
+        })
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests and closes the pool.
+    ///
+    /// # Errors
+    /// When the server fails to accept connections.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let served = axum::serve(self.listener, router(self.app))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        self.store.close().await;
+        tracing::info!("custodian stopped");
+        served
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    ///
+    /// # Errors
+    /// When the server fails to accept connections.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what a process manager sends).
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; draining requests");
+}

@@ -1,0 +1,196 @@
+//! Storage of resource versions behind one trait, with one SQL implementation that serves both
+//! SQLite (the embedded default) and PostgreSQL; the shared integration suite runs on both.
+//!
+//! The store keeps bytes it does not interpret: the API layer builds each version's body (meta
+//! included) before it is written, so that the body can be sealed by the envelope encryption
+//! before it reaches the database. Every row carries what later layers need without reading the
+//! body: tenant, type, id, version, last-updated time, deleted flag, the patient compartment
+//! (a random pseudonym, never a name or a patient id of the client's choosing) and the id of the
+//! data key that sealed the body.
+//!
+//! Concurrency is optimistic: a write states the version it expects to replace, and the
+//! conditional update of the head row decides, atomically on both backends, which of two racing
+//! writers wins. The loser gets [`StoreError::VersionConflict`].
+
+mod sql;
+
+pub use sql::SqlStore;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+/// The tenant and request a store call serves. Every store method takes it first.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// The tenant whose rows may be touched.
+    pub tenant: String,
+}
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The head moved since the caller read it: another writer won.
+    #[error("version conflict")]
+    VersionConflict,
+    /// The database cannot be reached or timed out; the client may retry (503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or a broken invariant (500).
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+/// `Result` with [`StoreError`] as the default error.
+pub type StoreResult<T, E = StoreError> = Result<T, E>;
+
+/// What a write expects to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// No resource of this type and id has ever existed.
+    Absent,
+    /// The current version is this one (deleted or not).
+    Version(i64),
+}
+
+/// The HTTP verb recorded with a version, for history `request.method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMethod {
+    Post,
+    Put,
+    Delete,
+}
+
+impl WriteMethod {
+    /// As stored and as written in a history Bundle.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteMethod::Post => "POST",
+            WriteMethod::Put => "PUT",
+            WriteMethod::Delete => "DELETE",
+        }
+    }
+
+    fn parse(text: &str) -> StoreResult<Self> {
+        match text {
+            "POST" => Ok(WriteMethod::Post),
+            "PUT" => Ok(WriteMethod::Put),
+            "DELETE" => Ok(WriteMethod::Delete),
+            other => Err(StoreError::Internal(format!("unknown method {other:?} in row"))),
+        }
+    }
+}
+
+/// One new version to store.
+#[derive(Debug, Clone)]
+pub struct VersionWrite {
+    pub resource_type: String,
+    pub id: String,
+    /// The version this write creates (`expected + 1`, or 1).
+    pub version: i64,
+    pub expected: Expected,
+    pub method: WriteMethod,
+    pub last_updated: DateTime<Utc>,
+    /// The resource as stored; `None` for a deletion.
+    pub body: Option<Vec<u8>>,
+    /// The id of the Patient whose compartment holds this resource, if any. The store maps it to
+    /// the compartment's pseudonym.
+    pub compartment_patient: Option<String>,
+    /// The data key that sealed `body` (set by the envelope encryption).
+    pub key_id: Option<String>,
+}
+
+/// One stored version, as read back.
+#[derive(Debug, Clone)]
+pub struct VersionRecord {
+    /// Global write order; history paging keys on it.
+    pub sequence: i64,
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub method: WriteMethod,
+    pub last_updated: DateTime<Utc>,
+    pub deleted: bool,
+    pub body: Option<Vec<u8>>,
+    /// The patient compartment pseudonym (not the patient's id).
+    pub compartment: Option<String>,
+    pub key_id: Option<String>,
+}
+
+/// Which versions a history request covers.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Limit to one type (type history) …
+    pub resource_type: Option<String>,
+    /// … and one id (instance history).
+    pub id: Option<String>,
+    /// Only versions written at or after this time (`_since`).
+    pub since: Option<DateTime<Utc>>,
+    /// Only versions written at or before this time (`_at` style upper bound).
+    pub until: Option<DateTime<Utc>>,
+    /// Paging cursor: only versions with a sequence number below this one.
+    pub before_sequence: Option<i64>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// The storage operations the API needs. One implementation per SQL dialect family; see
+/// [`SqlStore`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend_name(&self) -> &'static str;
+
+    /// Checks that the database answers (readiness).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it does not.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// The current version of a resource (which may be a deletion), if it ever existed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn read_current(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        id: &str,
+    ) -> StoreResult<Option<VersionRecord>>;
+
+    /// One specific version of a resource.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn read_version(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> StoreResult<Option<VersionRecord>>;
+
+    /// Writes a new version if the head is still as `write.expected` says, atomically.
+    ///
+    /// # Errors
+    /// [`StoreError::VersionConflict`] when another writer got there first.
+    async fn write(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord>;
+
+    /// Versions newest first, one page.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn history(&self, scope: &Scope, query: &HistoryQuery) -> StoreResult<Vec<VersionRecord>>;
+
+    /// The current, not deleted versions of every resource of a type, in id order, one page
+    /// after `after_id`. Used by conditional interactions until the search index exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn current_of_type(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<VersionRecord>>;
+}

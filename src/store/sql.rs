@@ -1,0 +1,425 @@
+//! [`Store`] on SQL through sqlx's `Any` driver: one implementation, one set of statements, for
+//! SQLite and PostgreSQL.
+//!
+//! Why one implementation: the two backends must behave identically, and the statements here are
+//! plain SQL both dialects share (`$n` placeholders, which SQLite also reads positionally,
+//! `ON CONFLICT … DO NOTHING`, `RETURNING`). What differs lives in the two migration folders
+//! (column types, identity columns; later triggers and roles). Flags are stored as integers so
+//! that one row decoder reads both.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::{
+    Expected, HistoryQuery, Scope, Store, StoreError, StoreResult, VersionRecord, VersionWrite,
+    WriteMethod,
+};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The SQL dialect behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A connection pool to SQLite or PostgreSQL.
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const VERSION_COLUMNS: &str = "v.sequence, v.resource_type, v.resource_id, v.version_id, v.method, \
+     v.last_updated_us, v.deleted, v.compartment, v.key_id, v.body";
+
+impl SqlStore {
+    /// Connects to `database_url` (`sqlite://…` or `postgres://…`). For SQLite the file and its
+    /// directory are created when missing and the journal is switched to WAL, so that readers
+    /// never wait for the writer.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached or created.
+    pub async fn connect(database_url: &SecretString, max_connections: u32) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let url = database_url.expose_secret();
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Internal(
+                "database_url must start with sqlite: or postgres:".into(),
+            ));
+        };
+        if backend == Backend::Sqlite {
+            create_sqlite_parent_dir(url)?;
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(classify)?;
+        if backend == Backend::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(SqlStore { pool, backend })
+    }
+
+    /// Applies the backend's pending migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Internal`] when a migration fails or the database holds migrations this
+    /// build does not know.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|error| StoreError::Internal(format!("migration failed: {error}")))
+    }
+
+    /// Closes every connection (graceful shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        // SQLite: take the write lock up front so that two writers queue on the busy timeout
+        // instead of failing when a read lock cannot be upgraded.
+        let statement = match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        self.pool.begin_with(statement).await.map_err(classify)
+    }
+}
+
+fn create_sqlite_parent_dir(url: &str) -> StoreResult<()> {
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    if let Some(parent) = std::path::Path::new(path).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                StoreError::Unavailable(format!("cannot create the data directory: {error}"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Sorts sqlx errors into "retry later" (503) and "bug" (500).
+fn classify(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error.to_string()),
+        sqlx::Error::Database(database_error) => {
+            let code = database_error.code().unwrap_or_default();
+            // SQLite busy/locked; PostgreSQL connection, admin-shutdown and resource classes.
+            let transient = matches!(code.as_ref(), "5" | "6" | "517")
+                || code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53");
+            if database_error.is_unique_violation() {
+                StoreError::VersionConflict
+            } else if transient {
+                StoreError::Unavailable(error.to_string())
+            } else {
+                StoreError::Internal(error.to_string())
+            }
+        }
+        _ => StoreError::Internal(error.to_string()),
+    }
+}
+
+fn micros(time: DateTime<Utc>) -> i64 {
+    time.timestamp_micros()
+}
+
+fn from_micros(value: i64) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(value)
+        .ok_or_else(|| StoreError::Internal(format!("timestamp {value} out of range")))
+}
+
+fn decode(row: &AnyRow) -> StoreResult<VersionRecord> {
+    let get_error = |error: sqlx::Error| StoreError::Internal(format!("bad row: {error}"));
+    let method: String = row.try_get("method").map_err(get_error)?;
+    Ok(VersionRecord {
+        sequence: row.try_get("sequence").map_err(get_error)?,
+        resource_type: row.try_get("resource_type").map_err(get_error)?,
+        id: row.try_get("resource_id").map_err(get_error)?,
+        version: row.try_get("version_id").map_err(get_error)?,
+        method: WriteMethod::parse(&method)?,
+        last_updated: from_micros(row.try_get("last_updated_us").map_err(get_error)?)?,
+        deleted: row.try_get::<i64, _>("deleted").map_err(get_error)? != 0,
+        compartment: row.try_get("compartment").map_err(get_error)?,
+        key_id: row.try_get("key_id").map_err(get_error)?,
+        body: row.try_get("body").map_err(get_error)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn read_current(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        id: &str,
+    ) -> StoreResult<Option<VersionRecord>> {
+        let statement = format!(
+            "SELECT {VERSION_COLUMNS} FROM resource_heads h \
+             JOIN resource_versions v ON v.tenant = h.tenant AND v.resource_type = h.resource_type \
+              AND v.resource_id = h.resource_id AND v.version_id = h.version_id \
+             WHERE h.tenant = $1 AND h.resource_type = $2 AND h.resource_id = $3"
+        );
+        let row = sqlx::query(&statement)
+            .bind(&scope.tenant)
+            .bind(resource_type)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn read_version(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> StoreResult<Option<VersionRecord>> {
+        let statement = format!(
+            "SELECT {VERSION_COLUMNS} FROM resource_versions v \
+             WHERE v.tenant = $1 AND v.resource_type = $2 AND v.resource_id = $3 AND v.version_id = $4"
+        );
+        let row = sqlx::query(&statement)
+            .bind(&scope.tenant)
+            .bind(resource_type)
+            .bind(id)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn write(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord> {
+        let deleted = i64::from(write.body.is_none());
+        let mut transaction = self.begin().await?;
+
+        // The head decides the race: a conditional insert or update that touches no row means
+        // another writer moved it first.
+        let head = match write.expected {
+            Expected::Absent => sqlx::query(
+                "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(&scope.tenant)
+            .bind(&write.resource_type)
+            .bind(&write.id)
+            .bind(write.version)
+            .bind(deleted),
+            Expected::Version(current) => sqlx::query(
+                "UPDATE resource_heads SET version_id = $4, deleted = $5 \
+                 WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
+            )
+            .bind(&scope.tenant)
+            .bind(&write.resource_type)
+            .bind(&write.id)
+            .bind(write.version)
+            .bind(deleted)
+            .bind(current),
+        };
+        let moved = head.execute(&mut *transaction).await.map_err(classify)?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+
+        let compartment = match &write.compartment_patient {
+            Some(patient_id) => Some(compartment_pseudonym(&mut transaction, scope, patient_id).await?),
+            None => None,
+        };
+
+        let inserted = sqlx::query(
+            "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
+               last_updated_us, deleted, compartment, key_id, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING sequence",
+        )
+        .bind(&scope.tenant)
+        .bind(&write.resource_type)
+        .bind(&write.id)
+        .bind(write.version)
+        .bind(write.method.as_str())
+        .bind(micros(write.last_updated))
+        .bind(deleted)
+        .bind(compartment.as_deref())
+        .bind(write.key_id.as_deref())
+        .bind(write.body.as_deref())
+        .fetch_one(&mut *transaction)
+        .await
+        .map_err(classify)?;
+        let sequence: i64 = inserted
+            .try_get("sequence")
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        transaction.commit().await.map_err(classify)?;
+
+        Ok(VersionRecord {
+            sequence,
+            resource_type: write.resource_type,
+            id: write.id,
+            version: write.version,
+            method: write.method,
+            // Stored at microsecond precision; hand back exactly what a read will return.
+            last_updated: from_micros(micros(write.last_updated))?,
+            deleted: deleted == 1,
+            body: write.body,
+            compartment,
+            key_id: write.key_id,
+        })
+    }
+
+    async fn history(&self, scope: &Scope, query: &HistoryQuery) -> StoreResult<Vec<VersionRecord>> {
+        let mut conditions = vec!["v.tenant = $1".to_string()];
+        let mut next_placeholder = 2;
+        let mut placeholder = |condition: &str| {
+            let text = condition.replace('?', &format!("${next_placeholder}"));
+            next_placeholder += 1;
+            text
+        };
+        if query.resource_type.is_some() {
+            conditions.push(placeholder("v.resource_type = ?"));
+        }
+        if query.id.is_some() {
+            conditions.push(placeholder("v.resource_id = ?"));
+        }
+        if query.since.is_some() {
+            conditions.push(placeholder("v.last_updated_us >= ?"));
+        }
+        if query.until.is_some() {
+            conditions.push(placeholder("v.last_updated_us <= ?"));
+        }
+        if query.before_sequence.is_some() {
+            conditions.push(placeholder("v.sequence < ?"));
+        }
+        let limit = placeholder("?");
+        let statement = format!(
+            "SELECT {VERSION_COLUMNS} FROM resource_versions v WHERE {} \
+             ORDER BY v.sequence DESC LIMIT {limit}",
+            conditions.join(" AND ")
+        );
+        let mut sql = sqlx::query(&statement).bind(&scope.tenant);
+        if let Some(resource_type) = &query.resource_type {
+            sql = sql.bind(resource_type);
+        }
+        if let Some(id) = &query.id {
+            sql = sql.bind(id);
+        }
+        if let Some(since) = query.since {
+            sql = sql.bind(micros(since));
+        }
+        if let Some(until) = query.until {
+            sql = sql.bind(micros(until));
+        }
+        if let Some(before) = query.before_sequence {
+            sql = sql.bind(before);
+        }
+        let rows = sql
+            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn current_of_type(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<VersionRecord>> {
+        let statement = format!(
+            "SELECT {VERSION_COLUMNS} FROM resource_heads h \
+             JOIN resource_versions v ON v.tenant = h.tenant AND v.resource_type = h.resource_type \
+              AND v.resource_id = h.resource_id AND v.version_id = h.version_id \
+             WHERE h.tenant = $1 AND h.resource_type = $2 AND h.deleted = 0 AND h.resource_id > $3 \
+             ORDER BY h.resource_id LIMIT $4"
+        );
+        let rows = sqlx::query(&statement)
+            .bind(&scope.tenant)
+            .bind(resource_type)
+            .bind(after_id.unwrap_or(""))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(decode).collect()
+    }
+}
+
+/// The compartment pseudonym of a patient, created on first use inside the write's transaction.
+async fn compartment_pseudonym(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scope: &Scope,
+    patient_id: &str,
+) -> StoreResult<String> {
+    sqlx::query(
+        "INSERT INTO patient_compartments (tenant, patient_id, pseudonym) VALUES ($1, $2, $3) \
+         ON CONFLICT (tenant, patient_id) DO NOTHING",
+    )
+    .bind(&scope.tenant)
+    .bind(patient_id)
+    .bind(uuid::Uuid::new_v4().to_string())
+    .execute(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    let row = sqlx::query(
+        "SELECT pseudonym FROM patient_compartments WHERE tenant = $1 AND patient_id = $2",
+    )
+    .bind(&scope.tenant)
+    .bind(patient_id)
+    .fetch_one(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    row.try_get("pseudonym")
+        .map_err(|error| StoreError::Internal(error.to_string()))
+}

@@ -1,0 +1,242 @@
+//! Test harness: starts the real server on port 0 against a fresh database (a SQLite file in a
+//! temporary directory, or a new PostgreSQL database), and talks to it over HTTP.
+//!
+//! PostgreSQL: `CUSTODIAN_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`). When
+//! it is unreachable the PostgreSQL variant of each test is skipped with a loud message, except
+//! when `CI=true`, where that is a failure.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use custodian::config::Settings;
+use custodian::startup::Application;
+use secrecy::SecretString;
+use sqlx::Connection;
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A running server and what the test needs to reach it and its database.
+pub struct TestApp {
+    pub base_url: String,
+    pub client: reqwest::Client,
+    /// The database URL, for tests that inspect rows directly.
+    pub database_url: String,
+    pub backend: Backend,
+    data_dir: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+fn postgres_server_url() -> String {
+    std::env::var("CUSTODIAN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The repository root (where `fhir-profiles/` lives).
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared third-party test data (`../shared/testdata`).
+pub fn testdata_dir() -> PathBuf {
+    std::env::var("CUSTODIAN_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_dir().join("../shared/testdata"))
+}
+
+async fn postgres_reachable() -> bool {
+    static REACHABLE: OnceLock<bool> = OnceLock::new();
+    if let Some(known) = REACHABLE.get() {
+        return *known;
+    }
+    let url = format!("{}/postgres", postgres_server_url());
+    let reachable = sqlx::PgConnection::connect(&url).await.is_ok();
+    if !reachable {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("PostgreSQL at {url} is unreachable and CI=true: PostgreSQL tests may not be skipped");
+        }
+        eprintln!(
+            "\n*** SKIPPING PostgreSQL tests: no server at {url} (start it, or set CUSTODIAN_TEST_POSTGRES_URL) ***\n"
+        );
+    }
+    *REACHABLE.get_or_init(|| reachable)
+}
+
+/// Settings for a test server with a fresh data directory.
+pub fn test_settings(data_dir: &std::path::Path) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        profiles_dir: repo_dir().join("fhir-profiles"),
+        max_connections: 8,
+        ..Settings::default()
+    }
+}
+
+/// Starts a server on `backend` with optional changes to its settings; `None` when the backend
+/// is unavailable and skipping is allowed.
+pub async fn spawn_app_with(
+    backend: Backend,
+    adjust: impl FnOnce(&mut Settings),
+) -> Option<TestApp> {
+    let data_dir = std::env::temp_dir().join(format!("custodian-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&data_dir).expect("temp dir");
+    let mut settings = test_settings(&data_dir);
+    let database_url = match backend {
+        Backend::Sqlite => format!("sqlite://{}/custodian.db?mode=rwc", data_dir.display()),
+        Backend::Postgres => {
+            if !postgres_reachable().await {
+                return None;
+            }
+            let name = format!("custodian_test_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server_url()))
+                .await
+                .expect("connect to PostgreSQL");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            format!("{}/{name}", postgres_server_url())
+        }
+    };
+    settings.database_url = Some(SecretString::from(database_url.clone()));
+    adjust(&mut settings);
+    let application = Application::build(settings).await.expect("server builds");
+    let port = application.port();
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(application.run_until(async {
+        let _ = stopped.await;
+    }));
+    Some(TestApp {
+        base_url: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::new(),
+        database_url,
+        backend,
+        data_dir,
+        shutdown: Some(shutdown),
+    })
+}
+
+/// Starts a server with default test settings.
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |_| {}).await
+}
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+pub const FHIR_XML: &str = "application/fhir+xml";
+
+impl TestApp {
+    /// `{base}/{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base_url, path.trim_start_matches('/'))
+    }
+
+    /// POSTs a JSON resource to `/{type}`.
+    pub async fn create(&self, resource: &serde_json::Value) -> reqwest::Response {
+        let resource_type = resource["resourceType"].as_str().expect("resourceType");
+        self.client
+            .post(self.url(resource_type))
+            .header("content-type", FHIR_JSON)
+            .body(resource.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Creates a resource and returns its server-assigned id.
+    pub async fn create_id(&self, resource: &serde_json::Value) -> String {
+        let response = self.create(resource).await;
+        assert_eq!(response.status(), 201, "create failed: {}", response.text().await.unwrap_or_default());
+        let body: serde_json::Value = response.json().await.expect("json");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    /// PUTs a JSON resource to `path`.
+    pub async fn put(&self, path: &str, resource: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .put(self.url(path))
+            .header("content-type", FHIR_JSON)
+            .body(resource.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// GETs `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("request")
+    }
+
+    /// GETs `path` and parses the JSON body, asserting the status.
+    pub async fn get_json(&self, path: &str, status: u16) -> serde_json::Value {
+        let response = self.get(path).await;
+        assert_eq!(response.status().as_u16(), status, "GET {path}");
+        response.json().await.expect("json body")
+    }
+
+    /// DELETEs `path`.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.expect("request")
+    }
+
+    /// Runs one SQL query returning a single integer (tests that inspect the database).
+    pub async fn count(&self, sql: &str) -> i64 {
+        use sqlx::Row;
+        sqlx::any::install_default_drivers();
+        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database");
+        let row = sqlx::query(sql).fetch_one(&mut connection).await.expect("query");
+        row.try_get::<i64, _>(0).expect("integer")
+    }
+
+    /// Runs one SQL query returning text values of the first column.
+    pub async fn strings(&self, sql: &str) -> Vec<Option<String>> {
+        use sqlx::Row;
+        sqlx::any::install_default_drivers();
+        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database");
+        let rows = sqlx::query(sql).fetch_all(&mut connection).await.expect("query");
+        rows.iter()
+            .map(|row| row.try_get::<Option<String>, _>(0).expect("text"))
+            .collect()
+    }
+}
+
+/// Defines a test on both backends: `both_backends!(name, async_fn)` makes `name::sqlite` and
+/// `name::postgres`, each calling `async_fn(app)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $test:path) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite)
+                    .await
+                    .expect("SQLite always runs");
+                $test(app).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(app) = $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await {
+                    $test(app).await;
+                }
+            }
+        }
+    };
+}

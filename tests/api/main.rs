@@ -1,0 +1,12 @@
+//! The integration suite: one binary (one link), every test against the real server over HTTP,
+//! each on SQLite and on PostgreSQL.
+
+mod helpers;
+
+mod bad_input;
+mod conditional;
+mod crud;
+mod examples;
+mod formats;
+mod history;
+mod metadata;
