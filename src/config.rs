@@ -100,7 +100,10 @@ impl Settings {
         let mut figment = Figment::new();
         if let Some(path) = config_file {
             if !path.exists() {
-                return Err(format!("configuration file {} does not exist", path.display()));
+                return Err(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                ));
             }
             figment = figment.merge(Toml::file(path));
         }

@@ -322,10 +322,18 @@ mod tests {
     fn each_status_matches_the_table() {
         let cases = [
             (ApiError::Gone("x".into()), 410, "deleted"),
-            (ApiError::MultipleMatches("x".into()), 412, "multiple-matches"),
+            (
+                ApiError::MultipleMatches("x".into()),
+                412,
+                "multiple-matches",
+            ),
             (ApiError::PreconditionFailed("x".into()), 412, "conflict"),
             (ApiError::PayloadTooLarge("x".into()), 413, "too-costly"),
-            (ApiError::UnsupportedMediaType("x".into()), 415, "not-supported"),
+            (
+                ApiError::UnsupportedMediaType("x".into()),
+                415,
+                "not-supported",
+            ),
             (ApiError::Unprocessable("x".into()), 422, "processing"),
             (ApiError::TooManyRequests, 429, "throttled"),
         ];

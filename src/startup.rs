@@ -30,7 +30,10 @@ impl Application {
         let validator = Validator::load(&settings.profiles_dir)?;
         let compartment = PatientCompartment::load(&settings.profiles_dir)?;
         std::fs::create_dir_all(&settings.data_dir).map_err(|error| {
-            format!("cannot create data directory {}: {error}", settings.data_dir.display())
+            format!(
+                "cannot create data directory {}: {error}",
+                settings.data_dir.display()
+            )
         })?;
         let store = Arc::new(
             SqlStore::connect(&settings.database_url(), settings.max_connections)

@@ -82,7 +82,11 @@ pub fn check_body_type(
     resource: &serde_json::Map<String, serde_json::Value>,
     resource_type: &str,
 ) -> ApiResult<()> {
-    if resource.get("resourceType").and_then(|value| value.as_str()) == Some(resource_type) {
+    if resource
+        .get("resourceType")
+        .and_then(|value| value.as_str())
+        == Some(resource_type)
+    {
         Ok(())
     } else {
         Err(ApiError::Invalid(vec![crate::error::Issue::new(

@@ -88,7 +88,10 @@ async fn respond(
         .map(|record| history_entry(&app.base_url, record))
         .collect::<ApiResult<Vec<_>>>()?;
     let base = format!("{}/{path}", app.base_url);
-    let mut links = vec![("self", format!("{base}?{}", paging.query_string(paging.cursor)))];
+    let mut links = vec![(
+        "self",
+        format!("{base}?{}", paging.query_string(paging.cursor)),
+    )];
     if has_next {
         let last = records.last().map(|record| record.sequence);
         links.push(("next", format!("{base}?{}", paging.query_string(last))));
@@ -129,11 +132,9 @@ impl Paging {
                     paging.since_text = Some(value.clone());
                 }
                 "_cursor" => {
-                    paging.cursor = Some(
-                        value
-                            .parse()
-                            .map_err(|_| invalid("_cursor is not a paging cursor of this server", "_cursor"))?,
-                    );
+                    paging.cursor = Some(value.parse().map_err(|_| {
+                        invalid("_cursor is not a paging cursor of this server", "_cursor")
+                    })?);
                 }
                 "_format" => paging.format = Some(value.clone()),
                 "_pretty" => {}

@@ -82,8 +82,14 @@ pub fn router(app: AppState) -> Router {
             "/{resource_type}/{id}",
             get(read::read).put(update::update).delete(delete::delete),
         )
-        .route("/{resource_type}/{id}/_history", get(history::history_instance))
-        .route("/{resource_type}/{id}/_history/{version}", get(vread::vread))
+        .route(
+            "/{resource_type}/{id}/_history",
+            get(history::history_instance),
+        )
+        .route(
+            "/{resource_type}/{id}/_history/{version}",
+            get(vread::vread),
+        )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(move |request, next| {
@@ -138,7 +144,11 @@ impl QueryParams {
 
     /// Parses a query string (`a=1&b=2`).
     pub fn parse(query: &str) -> Self {
-        QueryParams(form_urlencoded::parse(query.as_bytes()).into_owned().collect())
+        QueryParams(
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+        )
     }
 }
 
@@ -184,7 +194,10 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResu
         if length_limit {
             too_large()
         } else {
-            ApiError::invalid(crate::error::IssueCode::Invalid, "the request body could not be read")
+            ApiError::invalid(
+                crate::error::IssueCode::Invalid,
+                "the request body could not be read",
+            )
         }
     })
 }
@@ -238,8 +251,9 @@ pub fn if_match_version(headers: &HeaderMap) -> ApiResult<Option<i64>> {
 pub fn encode_body(json: &[u8], format: Format) -> ApiResult<Vec<u8>> {
     match format {
         Format::Json => Ok(json.to_vec()),
-        Format::Xml => fhir_codec::json_to_xml(json)
-            .map_err(|error| ApiError::Internal(format!("stored resource not convertible: {error}"))),
+        Format::Xml => fhir_codec::json_to_xml(json).map_err(|error| {
+            ApiError::Internal(format!("stored resource not convertible: {error}"))
+        }),
     }
 }
 
@@ -286,10 +300,17 @@ impl VersionResponse<'_> {
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
         if !response_body_is_empty(self.preference, record) {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(self.format.content_type()));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(self.format.content_type()),
+            );
         }
         insert_header(headers, header::ETAG, &etag(record.version));
-        insert_header(headers, header::LAST_MODIFIED, &http_date(record.last_updated));
+        insert_header(
+            headers,
+            header::LAST_MODIFIED,
+            &http_date(record.last_updated),
+        );
         if self.status == StatusCode::CREATED {
             let location = format!(
                 "{}/{}/{}/_history/{}",
@@ -330,11 +351,16 @@ pub fn negotiate(query: &QueryParams, headers: &HeaderMap) -> ApiResult<Format> 
 ///
 /// # Errors
 /// 500 when the value cannot be encoded.
-pub fn value_response(status: StatusCode, value: &serde_json::Value, format: Format) -> ApiResult<Response> {
+pub fn value_response(
+    status: StatusCode,
+    value: &serde_json::Value,
+    format: Format,
+) -> ApiResult<Response> {
     let body = encode_value(value, format)?;
     let mut response = (status, body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
     Ok(response)
 }

@@ -33,15 +33,31 @@ pub async fn update(
     let format = negotiate(&query, &headers)?;
     let resource = read_resource(&app, &headers, body, &resource_type).await?;
     if !crate::fhir::is_valid_id(&id) {
-        return Err(ApiError::invalid(IssueCode::Value, "the id in the URL is not a valid FHIR id"));
+        return Err(ApiError::invalid(
+            IssueCode::Value,
+            "the id in the URL is not a valid FHIR id",
+        ));
     }
     match resource.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
-        Some(_) => return Err(id_error("the id in the body differs from the id in the URL")),
+        Some(_) => {
+            return Err(id_error(
+                "the id in the body differs from the id in the URL",
+            ))
+        }
         None => return Err(id_error("an update must carry the resource id in its body")),
     }
     let if_match = if_match_version(&headers)?;
-    respond(&app, &headers, format, &resource_type, &id, resource, if_match).await
+    respond(
+        &app,
+        &headers,
+        format,
+        &resource_type,
+        &id,
+        resource,
+        if_match,
+    )
+    .await
 }
 
 /// `PUT /{type}?criteria`.
@@ -58,12 +74,17 @@ pub async fn conditional_update(
     let resource = read_resource(&app, &headers, body, &resource_type).await?;
     let scope = app.scope();
     let matches = conditional::find(&app, &scope, &resource_type, &query).await?;
-    let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
+    let body_id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let id = match (matches.as_slice(), body_id) {
         ([], Some(body_id)) => body_id,
         ([], None) => uuid::Uuid::new_v4().to_string(),
         ([only], Some(body_id)) if body_id != only.id => {
-            return Err(id_error("the id in the body differs from the resource the criteria match"))
+            return Err(id_error(
+                "the id in the body differs from the resource the criteria match",
+            ))
         }
         ([only], _) => only.id.clone(),
         _ => {
@@ -76,7 +97,16 @@ pub async fn conditional_update(
         return Err(id_error("the id in the body is not a valid FHIR id"));
     }
     let if_match = if_match_version(&headers)?;
-    respond(&app, &headers, format, &resource_type, &id, resource, if_match).await
+    respond(
+        &app,
+        &headers,
+        format,
+        &resource_type,
+        &id,
+        resource,
+        if_match,
+    )
+    .await
 }
 
 async fn read_resource(
@@ -112,7 +142,11 @@ async fn respond(
         WriteMethod::Put,
     )
     .await?;
-    tracing::info!(version = written.record.version, created = written.created, "updated");
+    tracing::info!(
+        version = written.record.version,
+        created = written.created,
+        "updated"
+    );
     VersionResponse {
         app,
         record: &written.record,

@@ -6,7 +6,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::{check_resource_type, negotiate, AppState, QueryParams, ReturnPreference, VersionResponse};
+use super::{
+    check_resource_type, negotiate, AppState, QueryParams, ReturnPreference, VersionResponse,
+};
 use crate::error::{ApiError, ApiResult};
 
 /// `GET /{type}/{id}/_history/{vid}`.

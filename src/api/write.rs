@@ -49,7 +49,8 @@ pub fn stamp(
 }
 
 fn serialize(resource: &Value) -> ApiResult<Vec<u8>> {
-    serde_json::to_vec(resource).map_err(|error| ApiError::Internal(format!("cannot serialize: {error}")))
+    serde_json::to_vec(resource)
+        .map_err(|error| ApiError::Internal(format!("cannot serialize: {error}")))
 }
 
 /// Writes `resource` as the next version of `resource_type/id` (create when it never existed).
@@ -66,9 +67,9 @@ pub async fn put_version(
     if_match: Option<i64>,
     method: WriteMethod,
 ) -> ApiResult<Written> {
-    let compartment_patient = app
-        .compartment
-        .patient_of(resource_type, id, &Value::Object(resource.clone()));
+    let compartment_patient =
+        app.compartment
+            .patient_of(resource_type, id, &Value::Object(resource.clone()));
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = app.store.read_current(scope, resource_type, id).await?;
         let (expected, version) = expectation(current.as_ref(), if_match)?;
@@ -173,9 +174,9 @@ pub async fn create_new(
 ) -> ApiResult<VersionRecord> {
     let id = uuid::Uuid::new_v4().to_string();
     let last_updated = Utc::now();
-    let compartment_patient = app
-        .compartment
-        .patient_of(resource_type, &id, &Value::Object(resource.clone()));
+    let compartment_patient =
+        app.compartment
+            .patient_of(resource_type, &id, &Value::Object(resource.clone()));
     let body = serialize(&stamp(resource, &id, 1, last_updated))?;
     let write = VersionWrite {
         resource_type: resource_type.to_string(),
@@ -191,9 +192,14 @@ pub async fn create_new(
     Ok(app.store.write(scope, write).await?)
 }
 
-fn expectation(current: Option<&VersionRecord>, if_match: Option<i64>) -> ApiResult<(Expected, i64)> {
+fn expectation(
+    current: Option<&VersionRecord>,
+    if_match: Option<i64>,
+) -> ApiResult<(Expected, i64)> {
     match (current, if_match) {
-        (Some(current), Some(expected)) if current.version != expected => Err(stale_version(expected)),
+        (Some(current), Some(expected)) if current.version != expected => {
+            Err(stale_version(expected))
+        }
         (None, Some(expected)) => Err(stale_version(expected)),
         (Some(current), _) => Ok((Expected::Version(current.version), current.version + 1)),
         (None, None) => Ok((Expected::Absent, 1)),
@@ -227,7 +233,10 @@ mod tests {
         assert_eq!(keys, ["resourceType", "id", "meta", "name"]);
         assert_eq!(stamped["id"], "server-id");
         assert_eq!(stamped["meta"]["versionId"], "3");
-        assert_eq!(stamped["meta"]["lastUpdated"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(
+            stamped["meta"]["lastUpdated"],
+            "2023-11-14T22:13:20.123456Z"
+        );
         assert_eq!(stamped["meta"]["tag"][0]["code"], "t");
     }
 }

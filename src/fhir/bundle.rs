@@ -25,11 +25,15 @@ pub fn history_entry(base_url: &str, record: &VersionRecord) -> ApiResult<Value>
     let full_url = format!("{base_url}/{}/{}", record.resource_type, record.id);
     let (url, status) = match record.method {
         WriteMethod::Post => (record.resource_type.clone(), "201 Created"),
-        WriteMethod::Put if record.version == 1 => {
-            (format!("{}/{}", record.resource_type, record.id), "201 Created")
-        }
+        WriteMethod::Put if record.version == 1 => (
+            format!("{}/{}", record.resource_type, record.id),
+            "201 Created",
+        ),
         WriteMethod::Put => (format!("{}/{}", record.resource_type, record.id), "200 OK"),
-        WriteMethod::Delete => (format!("{}/{}", record.resource_type, record.id), "204 No Content"),
+        WriteMethod::Delete => (
+            format!("{}/{}", record.resource_type, record.id),
+            "204 No Content",
+        ),
     };
     let mut entry = json!({
         "fullUrl": full_url,

@@ -114,11 +114,17 @@ mod tests {
             "subject": {"reference": "Patient/a"}
         });
         assert_eq!(
-            compartment.patient_of("Observation", "o1", &observation).as_deref(),
+            compartment
+                .patient_of("Observation", "o1", &observation)
+                .as_deref(),
             Some("a")
         );
-        let group_subject = json!({"resourceType": "Observation", "subject": {"reference": "Group/g"}});
-        assert_eq!(compartment.patient_of("Observation", "o2", &group_subject), None);
+        let group_subject =
+            json!({"resourceType": "Observation", "subject": {"reference": "Group/g"}});
+        assert_eq!(
+            compartment.patient_of("Observation", "o2", &group_subject),
+            None
+        );
     }
 
     #[test]
@@ -132,14 +138,21 @@ mod tests {
             ]
         });
         assert_eq!(
-            compartment.patient_of("Appointment", "a1", &appointment).as_deref(),
+            compartment
+                .patient_of("Appointment", "a1", &appointment)
+                .as_deref(),
             Some("x")
         );
         assert_eq!(
-            compartment.patient_of("Patient", "self", &json!({})).as_deref(),
+            compartment
+                .patient_of("Patient", "self", &json!({}))
+                .as_deref(),
             Some("self")
         );
         assert!(!compartment.is_compartment_type("Organization"));
-        assert_eq!(compartment.patient_of("Organization", "o", &json!({})), None);
+        assert_eq!(
+            compartment.patient_of("Organization", "o", &json!({})),
+            None
+        );
     }
 }

@@ -34,7 +34,10 @@ impl Format {
             "application/fhir+json" | "application/json" | "json" | "application/json+fhir" => {
                 Some(Format::Json)
             }
-            "application/fhir+xml" | "application/xml" | "text/xml" | "xml"
+            "application/fhir+xml"
+            | "application/xml"
+            | "text/xml"
+            | "xml"
             | "application/xml+fhir" => Some(Format::Xml),
             _ => None,
         }
@@ -66,13 +69,19 @@ pub fn request_format(headers: &HeaderMap) -> Result<Format, ApiError> {
 /// # Errors
 /// 406 when `_format` names an unknown format, or `Accept` lists only types this server cannot
 /// produce (without a wildcard).
-pub fn response_format(format_parameter: Option<&str>, headers: &HeaderMap) -> Result<Format, ApiError> {
+pub fn response_format(
+    format_parameter: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Format, ApiError> {
     if let Some(requested) = format_parameter {
         return Format::from_mime(requested).ok_or_else(|| {
             ApiError::NotAcceptable("_format must be json or xml (or a FHIR MIME type)".into())
         });
     }
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()) else {
+    let Some(accept) = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+    else {
         return Ok(Format::Json);
     };
     let mut best: Option<(f32, Format)> = None;
@@ -125,13 +134,22 @@ mod tests {
         assert_eq!(request_format(&xml).unwrap(), Format::Xml);
         let form = headers(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
         assert_eq!(request_format(&form).unwrap_err().status().as_u16(), 415);
-        assert_eq!(request_format(&HeaderMap::new()).unwrap_err().status().as_u16(), 415);
+        assert_eq!(
+            request_format(&HeaderMap::new())
+                .unwrap_err()
+                .status()
+                .as_u16(),
+            415
+        );
     }
 
     #[test]
     fn format_parameter_beats_accept_and_quality_orders_accept() {
         let accept_xml = headers(header::ACCEPT, "application/fhir+xml");
-        assert_eq!(response_format(Some("json"), &accept_xml).unwrap(), Format::Json);
+        assert_eq!(
+            response_format(Some("json"), &accept_xml).unwrap(),
+            Format::Json
+        );
         assert_eq!(response_format(None, &accept_xml).unwrap(), Format::Xml);
         let weighted = headers(
             header::ACCEPT,
@@ -141,9 +159,18 @@ mod tests {
         let browser = headers(header::ACCEPT, "text/html,*/*;q=0.8");
         assert_eq!(response_format(None, &browser).unwrap(), Format::Json);
         let only_html = headers(header::ACCEPT, "text/html");
-        assert_eq!(response_format(None, &only_html).unwrap_err().status().as_u16(), 406);
         assert_eq!(
-            response_format(Some("turtle"), &HeaderMap::new()).unwrap_err().status().as_u16(),
+            response_format(None, &only_html)
+                .unwrap_err()
+                .status()
+                .as_u16(),
+            406
+        );
+        assert_eq!(
+            response_format(Some("turtle"), &HeaderMap::new())
+                .unwrap_err()
+                .status()
+                .as_u16(),
             406
         );
     }

@@ -213,7 +213,10 @@ impl Validator {
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             serde_json::from_str(&text).map_err(|e| format!("cannot parse {}: {e}", path.display()))
         };
-        Validator::from_json(&read("r4-elements.json")?, &read("r4-required-valuesets.json")?)
+        Validator::from_json(
+            &read("r4-elements.json")?,
+            &read("r4-required-valuesets.json")?,
+        )
     }
 
     fn from_json(elements_doc: &Value, valuesets_doc: &Value) -> Result<Validator, String> {
@@ -330,7 +333,11 @@ impl Validator {
         let resources = types
             .iter()
             .filter(|(_, kind)| kind.as_str() == Some("resource"))
-            .filter_map(|(name, _)| node_of.get(name.as_str()).map(|&n| (Box::from(name.as_str()), n)))
+            .filter_map(|(name, _)| {
+                node_of
+                    .get(name.as_str())
+                    .map(|&n| (Box::from(name.as_str()), n))
+            })
             .collect();
         let element = node_of.get("Element").copied();
         Ok(Validator {
@@ -499,7 +506,10 @@ impl Validator {
             }
             _ => {
                 let Value::String(s) = value else {
-                    return Some(format!("expected a JSON string for a FHIR {}", string_type_name(p)));
+                    return Some(format!(
+                        "expected a JSON string for a FHIR {}",
+                        string_type_name(p)
+                    ));
                 };
                 self.check_string(p, s)
             }
@@ -510,7 +520,8 @@ impl Validator {
         let re = &self.patterns;
         if s.is_empty() {
             return Some(
-                "empty string is not allowed (a FHIR primitive must have a value or be left out)".into(),
+                "empty string is not allowed (a FHIR primitive must have a value or be left out)"
+                    .into(),
             );
         }
         if s.len() > MAX_STRING_CHARS && s.chars().count() > MAX_STRING_CHARS {
@@ -807,13 +818,29 @@ mod tests {
 
     #[test]
     fn impossible_birth_dates_fail() {
-        for bad in ["1990-13-01", "1990-02-30", "1900-02-29", "1990-00-10", "0000", "1990-1-01", "19901", "1990-01-01T"] {
+        for bad in [
+            "1990-13-01",
+            "1990-02-30",
+            "1900-02-29",
+            "1990-00-10",
+            "0000",
+            "1990-1-01",
+            "19901",
+            "1990-01-01T",
+        ] {
             let issues = with(patient(), "/birthDate", json!(bad));
             assert_eq!(paths(&issues), ["Patient.birthDate"], "{bad}");
             assert!(issues[0].message.contains("FHIR date"), "{bad}");
             assert_no_value_leak(&issues, bad);
         }
-        for good in ["2000-02-29", "1996-02-29", "1990", "1990-12", "0001-01-01", "9999-12-31"] {
+        for good in [
+            "2000-02-29",
+            "1996-02-29",
+            "1990",
+            "1990-12",
+            "0001-01-01",
+            "9999-12-31",
+        ] {
             assert_eq!(with(patient(), "/birthDate", json!(good)), vec![], "{good}");
         }
     }
@@ -838,31 +865,69 @@ mod tests {
         let issues = with(patient(), "/birthDate", json!(19901301));
         assert_eq!(paths(&issues), ["Patient.birthDate"]);
         assert_no_value_leak(&issues, "19901301");
-        assert_eq!(paths(&with(patient(), "/active", json!("true"))), ["Patient.active"]);
-        assert_eq!(paths(&with(patient(), "/multipleBirthInteger", json!("1"))), ["Patient.multipleBirthInteger"]);
-        assert_eq!(paths(&with(patient(), "/multipleBirthInteger", json!(1.5))), ["Patient.multipleBirthInteger"]);
         assert_eq!(
-            paths(&with(patient(), "/multipleBirthInteger", json!(2147483648u64))),
+            paths(&with(patient(), "/active", json!("true"))),
+            ["Patient.active"]
+        );
+        assert_eq!(
+            paths(&with(patient(), "/multipleBirthInteger", json!("1"))),
             ["Patient.multipleBirthInteger"]
         );
-        assert_eq!(paths(&with(patient(), "/telecom/0/rank", json!(0))), ["Patient.telecom[0].rank"]);
+        assert_eq!(
+            paths(&with(patient(), "/multipleBirthInteger", json!(1.5))),
+            ["Patient.multipleBirthInteger"]
+        );
+        assert_eq!(
+            paths(&with(
+                patient(),
+                "/multipleBirthInteger",
+                json!(2147483648u64)
+            )),
+            ["Patient.multipleBirthInteger"]
+        );
+        assert_eq!(
+            paths(&with(patient(), "/telecom/0/rank", json!(0))),
+            ["Patient.telecom[0].rank"]
+        );
     }
 
     #[test]
     fn strings_and_identifiers() {
-        assert_eq!(paths(&with(patient(), "/name/0/given/1", json!(""))), ["Patient.name[0].given[1]"]);
-        assert_eq!(paths(&with(patient(), "/id", json!("has space"))), ["Patient.id"]);
-        assert_eq!(paths(&with(patient(), "/id", json!("a".repeat(65)))), ["Patient.id"]);
+        assert_eq!(
+            paths(&with(patient(), "/name/0/given/1", json!(""))),
+            ["Patient.name[0].given[1]"]
+        );
+        assert_eq!(
+            paths(&with(patient(), "/id", json!("has space"))),
+            ["Patient.id"]
+        );
+        assert_eq!(
+            paths(&with(patient(), "/id", json!("a".repeat(65)))),
+            ["Patient.id"]
+        );
         assert_eq!(with(patient(), "/id", json!("a".repeat(64))), vec![]);
-        assert_eq!(paths(&with(patient(), "/identifier/0/system", json!("urn:x y"))), ["Patient.identifier[0].system"]);
+        assert_eq!(
+            paths(&with(patient(), "/identifier/0/system", json!("urn:x y"))),
+            ["Patient.identifier[0].system"]
+        );
         // A no-break space is not whitespace in the spec's (Java) regexes.
-        assert_eq!(with(patient(), "/identifier/0/system", json!("urn:x\u{a0}y")), vec![]);
-        assert_eq!(with(patient(), "/name/0/family", json!("  spaced  ")), vec![]);
+        assert_eq!(
+            with(patient(), "/identifier/0/system", json!("urn:x\u{a0}y")),
+            vec![]
+        );
+        assert_eq!(
+            with(patient(), "/name/0/family", json!("  spaced  ")),
+            vec![]
+        );
     }
 
     #[test]
     fn nested_datatypes_use_their_own_definitions() {
-        let issues = with(patient(), "/contact/0/name/period/start", json!("2012-01-01T10:00:00"));
+        let issues = with(
+            patient(),
+            "/contact/0/name/period/start",
+            json!("2012-01-01T10:00:00"),
+        );
         assert_eq!(paths(&issues), ["Patient.contact[0].name.period.start"]);
         assert!(issues[0].message.contains("FHIR dateTime"));
         let issues = with(patient(), "/contact/0/gender", json!("robot"));
@@ -873,12 +938,17 @@ mod tests {
     fn primitive_extensions_are_elements() {
         // `_birthDate` objects are fine; their extensions are checked like any other.
         assert_eq!(
-            paths(&with(patient(), "/_birthDate/extension/0/valueDateTime", json!("1974-12-25T14:35:45"))),
+            paths(&with(
+                patient(),
+                "/_birthDate/extension/0/valueDateTime",
+                json!("1974-12-25T14:35:45")
+            )),
             ["Patient._birthDate.extension[0].valueDateTime"]
         );
         let mut p = patient();
         p["name"][0]["given"] = json!([null, "James"]);
-        p["name"][0]["_given"] = json!([{"extension": [{"url": "http://example.org/x", "valueCode": "x"}]}, null]);
+        p["name"][0]["_given"] =
+            json!([{"extension": [{"url": "http://example.org/x", "valueCode": "x"}]}, null]);
         assert_eq!(issues_for(&p), vec![]);
     }
 
@@ -900,27 +970,52 @@ mod tests {
     #[test]
     fn observation_choice_types() {
         assert_eq!(issues_for(&observation()), vec![]);
-        let value: Value = serde_json::from_str(r#"{"value": 1.000000000000000000000001}"#).unwrap();
-        assert_eq!(with(observation(), "/valueQuantity/value", value["value"].clone()), vec![]);
+        let value: Value =
+            serde_json::from_str(r#"{"value": 1.000000000000000000000001}"#).unwrap();
+        assert_eq!(
+            with(
+                observation(),
+                "/valueQuantity/value",
+                value["value"].clone()
+            ),
+            vec![]
+        );
         assert_eq!(
             paths(&with(observation(), "/valueQuantity/value", json!("67.5"))),
             ["Observation.valueQuantity.value"]
         );
         assert_eq!(
-            paths(&with(observation(), "/valueQuantity/comparator", json!("~"))),
+            paths(&with(
+                observation(),
+                "/valueQuantity/comparator",
+                json!("~")
+            )),
             ["Observation.valueQuantity.comparator"]
         );
-        let issues = with(observation(), "/effectiveDateTime", json!("2016-03-28T09:30:00"));
+        let issues = with(
+            observation(),
+            "/effectiveDateTime",
+            json!("2016-03-28T09:30:00"),
+        );
         assert_eq!(paths(&issues), ["Observation.effectiveDateTime"]);
         assert_no_value_leak(&issues, "2016-03-28T09:30:00");
-        assert_eq!(paths(&with(observation(), "/issued", json!("2016-03-28"))), ["Observation.issued"]);
         assert_eq!(
-            paths(&with(observation(), "/component/0/valuePeriod/start", json!("2016-02-30"))),
+            paths(&with(observation(), "/issued", json!("2016-03-28"))),
+            ["Observation.issued"]
+        );
+        assert_eq!(
+            paths(&with(
+                observation(),
+                "/component/0/valuePeriod/start",
+                json!("2016-02-30")
+            )),
             ["Observation.component[0].valuePeriod.start"]
         );
         let issues = with(observation(), "/status", json!("bogus"));
         assert_eq!(paths(&issues), ["Observation.status"]);
-        assert!(issues[0].message.ends_with("http://hl7.org/fhir/ValueSet/observation-status"));
+        assert!(issues[0]
+            .message
+            .ends_with("http://hl7.org/fhir/ValueSet/observation-status"));
     }
 
     #[test]
@@ -976,13 +1071,27 @@ mod tests {
         assert!(!is_code(b" a"));
         assert!(!is_code(b"a\n"));
         let v = validator();
-        assert!(v.check_string(Primitive::Base64Binary, "aGVsbG8=").is_none());
-        assert!(v.check_string(Primitive::Base64Binary, "aGVs\nbG8=").is_none());
+        assert!(v
+            .check_string(Primitive::Base64Binary, "aGVsbG8=")
+            .is_none());
+        assert!(v
+            .check_string(Primitive::Base64Binary, "aGVs\nbG8=")
+            .is_none());
         assert!(v.check_string(Primitive::Base64Binary, "aGVsbG8").is_some());
         assert!(v.check_string(Primitive::Oid, "urn:oid:1.2.3").is_none());
         assert!(v.check_string(Primitive::Oid, "urn:oid:1.02.3").is_some());
-        assert!(v.check_string(Primitive::Uuid, "urn:uuid:c757873d-ec9a-4326-a141-556f43239520").is_none());
-        assert!(v.check_string(Primitive::Uuid, "urn:uuid:C757873D-EC9A-4326-A141-556F43239520").is_some());
+        assert!(v
+            .check_string(
+                Primitive::Uuid,
+                "urn:uuid:c757873d-ec9a-4326-a141-556f43239520"
+            )
+            .is_none());
+        assert!(v
+            .check_string(
+                Primitive::Uuid,
+                "urn:uuid:C757873D-EC9A-4326-A141-556F43239520"
+            )
+            .is_some());
     }
 
     #[test]
@@ -991,13 +1100,22 @@ mod tests {
         p["contained"] = json!([{"resourceType": "Practitioner", "id": "pr1", "birthDate": "1990-02-30",
                                  "gender": "robot"}]);
         let issues = issues_for(&p);
-        assert_eq!(paths(&issues), ["Patient.contained[0].birthDate", "Patient.contained[0].gender"]);
+        assert_eq!(
+            paths(&issues),
+            [
+                "Patient.contained[0].birthDate",
+                "Patient.contained[0].gender"
+            ]
+        );
         let bundle = json!({
             "resourceType": "Bundle", "type": "collection",
             "entry": [{"fullUrl": "urn:uuid:c757873d-ec9a-4326-a141-556f43239520", "resource": observation()},
                       {"resource": with_value(observation(), "/status", json!("bogus"))}]
         });
-        assert_eq!(paths(&issues_for(&bundle)), ["Bundle.entry[1].resource.status"]);
+        assert_eq!(
+            paths(&issues_for(&bundle)),
+            ["Bundle.entry[1].resource.status"]
+        );
     }
 
     fn with_value(mut v: Value, pointer: &str, value: Value) -> Value {
@@ -1016,7 +1134,11 @@ mod tests {
         });
         assert_eq!(
             paths(&issues_for(&q)),
-            ["Questionnaire.item[0].item[0].type", "Questionnaire.item[0].item[0].item[0].initial[0].valueDate", "Questionnaire.extension[0].valueInstant"]
+            [
+                "Questionnaire.item[0].item[0].type",
+                "Questionnaire.item[0].item[0].item[0].initial[0].valueDate",
+                "Questionnaire.extension[0].valueInstant"
+            ]
         );
     }
 
@@ -1047,7 +1169,10 @@ mod tests {
     fn examples_dir() -> Option<PathBuf> {
         let candidates = [
             std::env::var_os("CUSTODIAN_FHIR_EXAMPLES_DIR").map(PathBuf::from),
-            Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/testdata/fhir-r4-examples"))),
+            Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../shared/testdata/fhir-r4-examples"
+            ))),
             Some(PathBuf::from("/work/shared/testdata/fhir-r4-examples")),
         ];
         candidates.into_iter().flatten().find(|p| p.is_dir())
@@ -1066,14 +1191,20 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("Bundle-"))
+            .filter(|p| {
+                !p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("Bundle-")
+            })
             .collect();
         files.sort();
         assert!(!files.is_empty());
         let mut unexpected = Vec::new();
         for file in &files {
             let name = file.file_name().unwrap().to_string_lossy().into_owned();
-            let resource: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            let resource: Value =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
             let issues = issues_for(&resource);
             let known = KNOWN_INVALID_EXAMPLES.iter().any(|(f, _)| *f == name);
             if issues.is_empty() == known {
@@ -1081,7 +1212,11 @@ mod tests {
             }
         }
         eprintln!("validated {} official examples", files.len());
-        assert!(unexpected.is_empty(), "unexpected results:\n{}", unexpected.join("\n"));
+        assert!(
+            unexpected.is_empty(),
+            "unexpected results:\n{}",
+            unexpected.join("\n")
+        );
     }
 
     /// Not a benchmark assertion: prints the cost of one Patient for the record

@@ -75,7 +75,9 @@ impl WriteMethod {
             "POST" => Ok(WriteMethod::Post),
             "PUT" => Ok(WriteMethod::Put),
             "DELETE" => Ok(WriteMethod::Delete),
-            other => Err(StoreError::Internal(format!("unknown method {other:?} in row"))),
+            other => Err(StoreError::Internal(format!(
+                "unknown method {other:?} in row"
+            ))),
         }
     }
 }
@@ -179,7 +181,8 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
-    async fn history(&self, scope: &Scope, query: &HistoryQuery) -> StoreResult<Vec<VersionRecord>>;
+    async fn history(&self, scope: &Scope, query: &HistoryQuery)
+        -> StoreResult<Vec<VersionRecord>>;
 
     /// The current, not deleted versions of every resource of a type, in id order, one page
     /// after `after_id`. Used by conditional interactions until the search index exists.

@@ -36,7 +36,8 @@ pub struct SqlStore {
     backend: Backend,
 }
 
-const VERSION_COLUMNS: &str = "v.sequence, v.resource_type, v.resource_id, v.version_id, v.method, \
+const VERSION_COLUMNS: &str =
+    "v.sequence, v.resource_type, v.resource_id, v.version_id, v.method, \
      v.last_updated_us, v.deleted, v.compartment, v.key_id, v.body";
 
 impl SqlStore {
@@ -275,7 +276,9 @@ impl Store for SqlStore {
         }
 
         let compartment = match &write.compartment_patient {
-            Some(patient_id) => Some(compartment_pseudonym(&mut transaction, scope, patient_id).await?),
+            Some(patient_id) => {
+                Some(compartment_pseudonym(&mut transaction, scope, patient_id).await?)
+            }
             None => None,
         };
 
@@ -317,7 +320,11 @@ impl Store for SqlStore {
         })
     }
 
-    async fn history(&self, scope: &Scope, query: &HistoryQuery) -> StoreResult<Vec<VersionRecord>> {
+    async fn history(
+        &self,
+        scope: &Scope,
+        query: &HistoryQuery,
+    ) -> StoreResult<Vec<VersionRecord>> {
         let mut conditions = vec!["v.tenant = $1".to_string()];
         let mut next_placeholder = 2;
         let mut placeholder = |condition: &str| {

@@ -16,7 +16,10 @@ async fn post_raw(app: &TestApp, path: &str, content_type: &str, body: Vec<u8>) 
         .unwrap();
     let status = response.status().as_u16();
     assert!(
-        response.headers()["content-type"].to_str().unwrap().starts_with(FHIR_JSON),
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(FHIR_JSON),
         "errors are FHIR JSON"
     );
     (status, response.json().await.expect("an OperationOutcome"))
@@ -37,8 +40,14 @@ async fn nothing_written(app: &TestApp) {
 
 async fn malformed_documents_are_400(app: TestApp) {
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("truncated JSON", br#"{"resourceType":"Patient","name":[{"#.to_vec()),
-        ("invalid UTF-8", b"{\"resourceType\":\"Patient\",\"gender\":\"\xff\xfe\"}".to_vec()),
+        (
+            "truncated JSON",
+            br#"{"resourceType":"Patient","name":[{"#.to_vec(),
+        ),
+        (
+            "invalid UTF-8",
+            b"{\"resourceType\":\"Patient\",\"gender\":\"\xff\xfe\"}".to_vec(),
+        ),
         ("deep nesting", {
             let mut deep = br#"{"resourceType":"Patient","extension":"#.to_vec();
             deep.extend("[".repeat(10_000).as_bytes());
@@ -61,7 +70,13 @@ async fn malformed_documents_are_400(app: TestApp) {
     );
     let (status, _) = post_raw(&app, "Patient", FHIR_XML, deep_xml.into_bytes()).await;
     assert_eq!(status, 400);
-    let (status, _) = post_raw(&app, "Patient", FHIR_XML, b"<Patient><unclosed></Patient>".to_vec()).await;
+    let (status, _) = post_raw(
+        &app,
+        "Patient",
+        FHIR_XML,
+        b"<Patient><unclosed></Patient>".to_vec(),
+    )
+    .await;
     assert_eq!(status, 400);
     nothing_written(&app).await;
 }
@@ -73,10 +88,22 @@ async fn invalid_content_is_located(app: TestApp) {
             json!({"resourceType": "Patient", "name": [{"family": "Doe", "nickname": "Secret"}]}),
             "Patient.name[0].nickname",
         ),
-        (json!({"resourceType": "Patient", "active": "yes"}), "Patient.active"),
-        (json!({"resourceType": "Patient", "birthDate": "1990-13-01"}), "Patient.birthDate"),
-        (json!({"resourceType": "Patient", "birthDate": "1990-02-30"}), "Patient.birthDate"),
-        (json!({"resourceType": "Patient", "gender": "robot"}), "Patient.gender"),
+        (
+            json!({"resourceType": "Patient", "active": "yes"}),
+            "Patient.active",
+        ),
+        (
+            json!({"resourceType": "Patient", "birthDate": "1990-13-01"}),
+            "Patient.birthDate",
+        ),
+        (
+            json!({"resourceType": "Patient", "birthDate": "1990-02-30"}),
+            "Patient.birthDate",
+        ),
+        (
+            json!({"resourceType": "Patient", "gender": "robot"}),
+            "Patient.gender",
+        ),
         (
             json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                    "effectiveDateTime": "2020-01-01T10:00:00"}),
@@ -85,8 +112,13 @@ async fn invalid_content_is_located(app: TestApp) {
     ];
     for (resource, location) in cases {
         let resource_type = resource["resourceType"].as_str().unwrap();
-        let (status, outcome) =
-            post_raw(&app, resource_type, FHIR_JSON, resource.to_string().into_bytes()).await;
+        let (status, outcome) = post_raw(
+            &app,
+            resource_type,
+            FHIR_JSON,
+            resource.to_string().into_bytes(),
+        )
+        .await;
         assert_eq!(status, 400, "{resource}: {outcome}");
         let (_, expression) = first_issue(&outcome);
         assert_eq!(expression, Some(location), "{outcome}");
@@ -106,10 +138,15 @@ async fn invalid_content_is_located(app: TestApp) {
     assert_eq!(status, 400);
     assert_eq!(first_issue(&outcome).1, Some("resourceType"));
     let mismatched = app
-        .put("Patient/url-id", &json!({"resourceType": "Patient", "id": "body-id"}))
+        .put(
+            "Patient/url-id",
+            &json!({"resourceType": "Patient", "id": "body-id"}),
+        )
         .await;
     assert_eq!(mismatched.status(), 400);
-    let missing = app.put("Patient/url-id", &json!({"resourceType": "Patient"})).await;
+    let missing = app
+        .put("Patient/url-id", &json!({"resourceType": "Patient"}))
+        .await;
     assert_eq!(missing.status(), 400);
     nothing_written(&app).await;
 }
@@ -138,7 +175,8 @@ async fn oversized_bodies_are_413_before_being_read(backend: Backend) {
         return;
     };
     let mut patient = json!({"resourceType": "Patient", "name": [{"text": "x".repeat(10_000)}]});
-    let (status, outcome) = post_raw(&app, "Patient", FHIR_JSON, patient.to_string().into_bytes()).await;
+    let (status, outcome) =
+        post_raw(&app, "Patient", FHIR_JSON, patient.to_string().into_bytes()).await;
     assert_eq!(status, 413);
     assert_eq!(first_issue(&outcome).0, "too-costly");
     // Streamed without a Content-Length: stopped at the limit all the same.
@@ -148,7 +186,9 @@ async fn oversized_bodies_are_413_before_being_read(backend: Backend) {
         .client
         .post(app.url("Patient"))
         .header("content-type", FHIR_JSON)
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();

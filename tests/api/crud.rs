@@ -28,7 +28,10 @@ async fn create_read_update_delete(app: TestApp) {
     let location = created.headers()["location"].to_str().unwrap().to_string();
     assert_eq!(created.headers()["etag"], "W/\"1\"");
     assert!(created.headers().contains_key("last-modified"));
-    assert!(created.headers()["content-type"].to_str().unwrap().starts_with(FHIR_JSON));
+    assert!(created.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with(FHIR_JSON));
     let body: Value = created.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_string();
     assert_eq!(location, app.url(&format!("Patient/{id}/_history/1")));
@@ -85,7 +88,10 @@ async fn create_read_update_delete(app: TestApp) {
     app.get_json("Patient/never-existed", 404).await;
     assert_eq!(app.delete("Patient/never-existed").await.status(), 404);
 }
-both_backends!(create_read_update_delete_work, super::create_read_update_delete);
+both_backends!(
+    create_read_update_delete_work,
+    super::create_read_update_delete
+);
 
 async fn update_as_create_uses_the_client_id(app: TestApp) {
     let mut resource = patient("Client");
@@ -172,7 +178,10 @@ async fn if_match_rejects_stale_versions_and_races_have_one_winner(app: TestApp)
     let last = app.get_json(&format!("Patient/{id}"), 200).await;
     assert_eq!(last["meta"]["versionId"], "8");
 }
-both_backends!(if_match_and_races, super::if_match_rejects_stale_versions_and_races_have_one_winner);
+both_backends!(
+    if_match_and_races,
+    super::if_match_rejects_stale_versions_and_races_have_one_winner
+);
 
 async fn prefer_header_shapes_the_response(app: TestApp) {
     let minimal = app
@@ -224,12 +233,24 @@ async fn rows_carry_the_patient_compartment_pseudonym(app: TestApp) {
         )
     };
     let patient_rows = app.strings(&compartment_of("Patient", &patient_id)).await;
-    let observation_rows = app.strings(&compartment_of("Observation", &observation_id)).await;
-    let organization_rows = app.strings(&compartment_of("Organization", &organization_id)).await;
-    let pseudonym = patient_rows[0].clone().expect("a Patient is in its own compartment");
+    let observation_rows = app
+        .strings(&compartment_of("Observation", &observation_id))
+        .await;
+    let organization_rows = app
+        .strings(&compartment_of("Organization", &organization_id))
+        .await;
+    let pseudonym = patient_rows[0]
+        .clone()
+        .expect("a Patient is in its own compartment");
     assert_eq!(observation_rows, [Some(pseudonym.clone())]);
     assert_eq!(organization_rows, [None]);
-    assert_ne!(pseudonym, patient_id, "the row holds a pseudonym, not the patient's id");
+    assert_ne!(
+        pseudonym, patient_id,
+        "the row holds a pseudonym, not the patient's id"
+    );
     assert!(uuid::Uuid::parse_str(&pseudonym).is_ok());
 }
-both_backends!(compartments, super::rows_carry_the_patient_compartment_pseudonym);
+both_backends!(
+    compartments,
+    super::rows_carry_the_patient_compartment_pseudonym
+);

@@ -35,7 +35,11 @@ async fn every_official_example_round_trips(app: TestApp) {
         })
         .collect();
     files.sort();
-    assert!(files.len() > 250, "expected the full example set, found {}", files.len());
+    assert!(
+        files.len() > 250,
+        "expected the full example set, found {}",
+        files.len()
+    );
 
     let mut failures = Vec::new();
     let mut passed = 0;
@@ -57,10 +61,16 @@ async fn every_official_example_round_trips(app: TestApp) {
             .unwrap();
         if created.status() != 201 {
             let status = created.status();
-            failures.push(format!("{name}: create {status}: {}", created.text().await.unwrap()));
+            failures.push(format!(
+                "{name}: create {status}: {}",
+                created.text().await.unwrap()
+            ));
             continue;
         }
-        let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        let id = created.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let read = app.get_json(&format!("{resource_type}/{id}"), 200).await;
         if comparable(read) == comparable(original) {
             passed += 1;
@@ -73,6 +83,11 @@ async fn every_official_example_round_trips(app: TestApp) {
         app.backend,
         files.len() - EXCLUDED.len()
     );
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 both_backends!(official_examples, super::every_official_example_round_trips);

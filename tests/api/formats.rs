@@ -25,8 +25,13 @@ fn strip_server_fields(mut resource: Value) -> Value {
 }
 
 async fn xml_and_json_are_equivalent(app: TestApp) {
-    for example in ["Patient-example.json", "Observation-example.json", "Condition-example.json"] {
-        let text = std::fs::read_to_string(testdata_dir().join("fhir-r4-examples").join(example)).unwrap();
+    for example in [
+        "Patient-example.json",
+        "Observation-example.json",
+        "Condition-example.json",
+    ] {
+        let text =
+            std::fs::read_to_string(testdata_dir().join("fhir-r4-examples").join(example)).unwrap();
         let original: Value = serde_json::from_str(&text).unwrap();
         let resource_type = original["resourceType"].as_str().unwrap();
         let id = app.create_id(&original).await;
@@ -39,9 +44,15 @@ async fn xml_and_json_are_equivalent(app: TestApp) {
             .await
             .unwrap();
         assert_eq!(xml.status(), 200);
-        assert!(xml.headers()["content-type"].to_str().unwrap().starts_with(FHIR_XML));
+        assert!(xml.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(FHIR_XML));
         let xml = xml.text().await.unwrap();
-        assert!(xml.contains("http://hl7.org/fhir"), "{example}: not FHIR XML");
+        assert!(
+            xml.contains("http://hl7.org/fhir"),
+            "{example}: not FHIR XML"
+        );
         let copy = app
             .client
             .post(app.url(resource_type))
@@ -51,9 +62,18 @@ async fn xml_and_json_are_equivalent(app: TestApp) {
             .send()
             .await
             .unwrap();
-        assert_eq!(copy.status(), 201, "{example}: {}", copy.text().await.unwrap_or_default());
+        assert_eq!(
+            copy.status(),
+            201,
+            "{example}: {}",
+            copy.text().await.unwrap_or_default()
+        );
         let copy: Value = copy.json().await.unwrap();
-        assert_eq!(strip_server_fields(copy), strip_server_fields(original.clone()), "{example}");
+        assert_eq!(
+            strip_server_fields(copy),
+            strip_server_fields(original.clone()),
+            "{example}"
+        );
 
         // Accept picks XML when no _format is given.
         let by_accept = app
@@ -63,7 +83,10 @@ async fn xml_and_json_are_equivalent(app: TestApp) {
             .send()
             .await
             .unwrap();
-        assert!(by_accept.headers()["content-type"].to_str().unwrap().starts_with(FHIR_XML));
+        assert!(by_accept.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(FHIR_XML));
     }
     // An unknown _format is 406 with an OperationOutcome.
     let unknown = app.get("metadata?_format=yaml").await;

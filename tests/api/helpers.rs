@@ -102,9 +102,10 @@ pub async fn spawn_app_with(
                 return None;
             }
             let name = format!("custodian_test_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server_url()))
-                .await
-                .expect("connect to PostgreSQL");
+            let mut admin =
+                sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server_url()))
+                    .await
+                    .expect("connect to PostgreSQL");
             sqlx::query(&format!("CREATE DATABASE {name}"))
                 .execute(&mut admin)
                 .await
@@ -159,7 +160,12 @@ impl TestApp {
     /// Creates a resource and returns its server-assigned id.
     pub async fn create_id(&self, resource: &serde_json::Value) -> String {
         let response = self.create(resource).await;
-        assert_eq!(response.status(), 201, "create failed: {}", response.text().await.unwrap_or_default());
+        assert_eq!(
+            response.status(),
+            201,
+            "create failed: {}",
+            response.text().await.unwrap_or_default()
+        );
         let body: serde_json::Value = response.json().await.expect("json");
         body["id"].as_str().expect("id").to_string()
     }
@@ -177,7 +183,11 @@ impl TestApp {
 
     /// GETs `path`.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).send().await.expect("request")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
     }
 
     /// GETs `path` and parses the JSON body, asserting the status.
@@ -189,7 +199,11 @@ impl TestApp {
 
     /// DELETEs `path`.
     pub async fn delete(&self, path: &str) -> reqwest::Response {
-        self.client.delete(self.url(path)).send().await.expect("request")
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
     }
 
     /// Runs one SQL query returning a single integer (tests that inspect the database).
@@ -199,7 +213,10 @@ impl TestApp {
         let mut connection = sqlx::AnyConnection::connect(&self.database_url)
             .await
             .expect("connect to the test database");
-        let row = sqlx::query(sql).fetch_one(&mut connection).await.expect("query");
+        let row = sqlx::query(sql)
+            .fetch_one(&mut connection)
+            .await
+            .expect("query");
         row.try_get::<i64, _>(0).expect("integer")
     }
 
@@ -210,7 +227,10 @@ impl TestApp {
         let mut connection = sqlx::AnyConnection::connect(&self.database_url)
             .await
             .expect("connect to the test database");
-        let rows = sqlx::query(sql).fetch_all(&mut connection).await.expect("query");
+        let rows = sqlx::query(sql)
+            .fetch_all(&mut connection)
+            .await
+            .expect("query");
         rows.iter()
             .map(|row| row.try_get::<Option<String>, _>(0).expect("text"))
             .collect()
@@ -233,7 +253,9 @@ macro_rules! both_backends {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                if let Some(app) = $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await {
+                if let Some(app) =
+                    $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await
+                {
                     $test(app).await;
                 }
             }

@@ -9,4 +9,6 @@ mod crud;
 mod examples;
 mod formats;
 mod history;
+mod logs;
 mod metadata;
+mod oracle;

@@ -10,7 +10,10 @@ async fn capability_statement_matches_behaviour(app: TestApp) {
     assert_eq!(statement["resourceType"], "CapabilityStatement");
     assert_eq!(statement["fhirVersion"], "4.0.1");
     let resources = statement["rest"][0]["resource"].as_array().unwrap();
-    let patient = resources.iter().find(|resource| resource["type"] == "Patient").unwrap();
+    let patient = resources
+        .iter()
+        .find(|resource| resource["type"] == "Patient")
+        .unwrap();
     let interactions: Vec<&str> = patient["interaction"]
         .as_array()
         .unwrap()
@@ -18,14 +21,21 @@ async fn capability_statement_matches_behaviour(app: TestApp) {
         .map(|interaction| interaction["code"].as_str().unwrap())
         .collect();
     assert!(interactions.contains(&"vread") && interactions.contains(&"history-type"));
-    assert!(!interactions.contains(&"search-type"), "search is not implemented yet");
+    assert!(
+        !interactions.contains(&"search-type"),
+        "search is not implemented yet"
+    );
     // Search is not claimed, and not served.
     assert_eq!(app.get("Patient").await.status(), 405);
-    assert!(!resources.iter().any(|resource| resource["type"] == "AuditEvent"));
+    assert!(!resources
+        .iter()
+        .any(|resource| resource["type"] == "AuditEvent"));
 
     // Every claimed type accepts create and read (a minimal resource of a few types).
     for resource_type in ["Organization", "Practitioner", "Location", "Basic"] {
-        assert!(resources.iter().any(|resource| resource["type"] == resource_type));
+        assert!(resources
+            .iter()
+            .any(|resource| resource["type"] == resource_type));
         let mut resource = json!({ "resourceType": resource_type });
         if resource_type == "Basic" {
             resource["code"] = json!({"text": "note"});
@@ -44,7 +54,10 @@ async fn capability_statement_matches_behaviour(app: TestApp) {
     assert_eq!(xml.status(), 200);
     assert!(xml.text().await.unwrap().contains("<CapabilityStatement"));
 }
-both_backends!(capability_statement, super::capability_statement_matches_behaviour);
+both_backends!(
+    capability_statement,
+    super::capability_statement_matches_behaviour
+);
 
 async fn health_and_readiness(app: TestApp) {
     assert_eq!(app.get_json("health", 200).await["status"], "up");

@@ -89,11 +89,7 @@ pub fn check_json(bytes: &[u8]) -> Result<(), CodecError> {
 fn locate_unknown_field(bytes: &[u8], message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     let (field, rest) = rest.split_once('`')?;
-    let allowed: Vec<&str> = rest
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .collect();
+    let allowed: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
     json_path_of_unknown_key(bytes, field, &allowed)
 }
 
@@ -104,12 +100,11 @@ fn locate_unknown_field(bytes: &[u8], message: &str) -> Option<String> {
 /// valid R4 resource.
 pub fn xml_to_json(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
     check_xml_depth(bytes)?;
-    let resource = fhirbolt::xml::from_slice::<Resource>(bytes, strict()).map_err(|error| {
-        CodecError {
+    let resource =
+        fhirbolt::xml::from_slice::<Resource>(bytes, strict()).map_err(|error| CodecError {
             message: redact::serde_message(&error.to_string()),
             location: None,
-        }
-    })?;
+        })?;
     if matches!(resource, Resource::Invalid) {
         return Err(CodecError {
             message: "not a FHIR R4 resource".into(),
@@ -117,7 +112,10 @@ pub fn xml_to_json(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
         });
     }
     fhirbolt::json::to_vec(&resource, None).map_err(|error| CodecError {
-        message: format!("cannot serialize as JSON: {}", redact::serde_message(&error.to_string())),
+        message: format!(
+            "cannot serialize as JSON: {}",
+            redact::serde_message(&error.to_string())
+        ),
         location: None,
     })
 }
@@ -127,14 +125,16 @@ pub fn xml_to_json(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
 /// # Errors
 /// A [`CodecError`] if the JSON is not a valid resource (which for stored data means a bug).
 pub fn json_to_xml(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-    let resource = fhirbolt::json::from_slice::<Resource>(bytes, strict()).map_err(|error| {
-        CodecError {
+    let resource =
+        fhirbolt::json::from_slice::<Resource>(bytes, strict()).map_err(|error| CodecError {
             message: redact::serde_message(&error.to_string()),
             location: None,
-        }
-    })?;
+        })?;
     fhirbolt::xml::to_vec(&resource, None).map_err(|error| CodecError {
-        message: format!("cannot serialize as XML: {}", redact::serde_message(&error.to_string())),
+        message: format!(
+            "cannot serialize as XML: {}",
+            redact::serde_message(&error.to_string())
+        ),
         location: None,
     })
 }
@@ -161,7 +161,10 @@ fn check_xml_depth(bytes: &[u8]) -> Result<(), CodecError> {
             Ok(_) => {}
             Err(error) => {
                 return Err(CodecError {
-                    message: format!("malformed XML: {}", redact::serde_message(&error.to_string())),
+                    message: format!(
+                        "malformed XML: {}",
+                        redact::serde_message(&error.to_string())
+                    ),
                     location: None,
                 })
             }
@@ -336,7 +339,10 @@ mod tests {
             // A known type fails (if at all) on missing required elements, never on the variant.
             let body = format!(r#"{{"resourceType":"{name}"}}"#);
             if let Err(error) = check_json(body.as_bytes()) {
-                assert!(!error.message.contains("expected valid resourceType"), "{name}: {error}");
+                assert!(
+                    !error.message.contains("expected valid resourceType"),
+                    "{name}: {error}"
+                );
             }
         }
         let unknown = check_json(br#"{"resourceType":"Spaceship"}"#).unwrap_err();
@@ -362,7 +368,8 @@ mod tests {
 
     #[test]
     fn xml_round_trip_and_depth_limit() {
-        let json = br#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1970-01-01"}"#;
+        let json =
+            br#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1970-01-01"}"#;
         let xml = json_to_xml(json).unwrap();
         let back = xml_to_json(&xml).unwrap();
         let original: serde_json::Value = serde_json::from_slice(json).unwrap();

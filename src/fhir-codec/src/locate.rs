@@ -6,8 +6,13 @@
 //! reports what it has.
 
 enum Frame {
-    Object { key: Option<String>, seen: Vec<String> },
-    Array { index: usize },
+    Object {
+        key: Option<String>,
+        seen: Vec<String>,
+    },
+    Array {
+        index: usize,
+    },
 }
 
 /// The FHIRPath-like location (`Type.element[index].child`) at `line`/`column` (1-based, as
