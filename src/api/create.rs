@@ -9,12 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::{
-    check_resource_type, conditional, negotiate, read_body, return_preference, write, AppState,
+    check_resource_type, conditional, negotiate, read_resource, return_preference, write, AppState,
     QueryParams, VersionResponse,
 };
 use crate::error::{ApiError, ApiResult, IssueCode};
-use crate::fhir::format::request_format;
-use crate::fhir::parse::parse_resource;
 
 /// `POST /{type}`.
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
@@ -27,10 +25,7 @@ pub async fn create(
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
     let format = negotiate(&query, &headers)?;
-    let input_format = request_format(&headers)?;
-    let bytes = read_body(&headers, body, app.settings.max_body_bytes).await?;
-    let resource = parse_resource(&bytes, input_format, &app.validator)?;
-    check_body_type(&resource, &resource_type)?;
+    let resource = read_resource(&app, &headers, body, &resource_type).await?;
     let scope = app.scope();
 
     if let Some(criteria) = headers.get("if-none-exist") {
@@ -72,27 +67,4 @@ pub async fn create(
         outcome_message: format!("created {resource_type}/{} version 1", record.id),
     }
     .into_response()
-}
-
-/// The body's `resourceType` must be the type in the URL.
-///
-/// # Errors
-/// 400 naming `resourceType` when they differ.
-pub fn check_body_type(
-    resource: &serde_json::Map<String, serde_json::Value>,
-    resource_type: &str,
-) -> ApiResult<()> {
-    if resource
-        .get("resourceType")
-        .and_then(|value| value.as_str())
-        == Some(resource_type)
-    {
-        Ok(())
-    } else {
-        Err(ApiError::Invalid(vec![crate::error::Issue::new(
-            IssueCode::Invalid,
-            format!("resourceType must be {resource_type} at this URL"),
-        )
-        .at("resourceType")]))
-    }
 }

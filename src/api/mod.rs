@@ -202,6 +202,34 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResu
     })
 }
 
+/// Reads, parses and checks the resource in a request body, whose `resourceType` must be the
+/// type in the URL.
+///
+/// # Errors
+/// 415 for a wrong content type, 413 when too large, 400 when invalid.
+pub async fn read_resource(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+    resource_type: &str,
+) -> ApiResult<serde_json::Map<String, serde_json::Value>> {
+    let input_format = crate::fhir::format::request_format(headers)?;
+    let bytes = read_body(headers, body, app.settings.max_body_bytes).await?;
+    let resource = crate::fhir::parse::parse_resource(&bytes, input_format, &app.validator)?;
+    if resource
+        .get("resourceType")
+        .and_then(|value| value.as_str())
+        != Some(resource_type)
+    {
+        return Err(ApiError::Invalid(vec![crate::error::Issue::new(
+            crate::error::IssueCode::Invalid,
+            format!("resourceType must be {resource_type} at this URL"),
+        )
+        .at("resourceType")]));
+    }
+    Ok(resource)
+}
+
 /// What the client asked for with `Prefer: return=…`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReturnPreference {
@@ -278,7 +306,19 @@ pub struct VersionResponse<'a> {
     pub outcome_message: String,
 }
 
-impl VersionResponse<'_> {
+impl<'a> VersionResponse<'a> {
+    /// 200 with the version's representation (read, vread).
+    pub fn representation(app: &'a App, record: &'a VersionRecord, format: Format) -> Self {
+        VersionResponse {
+            app,
+            record,
+            status: StatusCode::OK,
+            format,
+            preference: ReturnPreference::Representation,
+            outcome_message: String::new(),
+        }
+    }
+
     /// Builds the HTTP response.
     ///
     /// # Errors

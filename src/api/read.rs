@@ -2,12 +2,10 @@
 //! `Last-Modified`; 404 when unknown; 410 when deleted.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::{
-    check_resource_type, negotiate, AppState, QueryParams, ReturnPreference, VersionResponse,
-};
+use super::{check_resource_type, negotiate, AppState, QueryParams, VersionResponse};
 use crate::error::{ApiError, ApiResult};
 
 /// `GET /{type}/{id}`.
@@ -31,13 +29,5 @@ pub async fn read(
     if record.deleted {
         return Err(ApiError::Gone(format!("{resource_type}/{id} was deleted")));
     }
-    VersionResponse {
-        app: &app,
-        record: &record,
-        status: StatusCode::OK,
-        format,
-        preference: ReturnPreference::Representation,
-        outcome_message: String::new(),
-    }
-    .into_response()
+    VersionResponse::representation(&app, &record, format).into_response()
 }

@@ -10,14 +10,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Map, Value};
 
-use super::create::check_body_type;
 use super::{
-    check_resource_type, conditional, if_match_version, negotiate, read_body, return_preference,
-    write, App, AppState, QueryParams, VersionResponse,
+    check_resource_type, conditional, if_match_version, negotiate, read_resource,
+    return_preference, write, App, AppState, QueryParams, VersionResponse,
 };
 use crate::error::{ApiError, ApiResult, Issue, IssueCode};
-use crate::fhir::format::{request_format, Format};
-use crate::fhir::parse::parse_resource;
+use crate::fhir::format::Format;
 use crate::store::WriteMethod;
 
 /// `PUT /{type}/{id}`.
@@ -107,19 +105,6 @@ pub async fn conditional_update(
         if_match,
     )
     .await
-}
-
-async fn read_resource(
-    app: &App,
-    headers: &HeaderMap,
-    body: Body,
-    resource_type: &str,
-) -> ApiResult<Map<String, Value>> {
-    let input_format = request_format(headers)?;
-    let bytes = read_body(headers, body, app.settings.max_body_bytes).await?;
-    let resource = parse_resource(&bytes, input_format, &app.validator)?;
-    check_body_type(&resource, resource_type)?;
-    Ok(resource)
 }
 
 async fn respond(

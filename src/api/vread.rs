@@ -3,12 +3,10 @@
 //! deletion stay readable.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::{
-    check_resource_type, negotiate, AppState, QueryParams, ReturnPreference, VersionResponse,
-};
+use super::{check_resource_type, negotiate, AppState, QueryParams, VersionResponse};
 use crate::error::{ApiError, ApiResult};
 
 /// `GET /{type}/{id}/_history/{vid}`.
@@ -36,13 +34,5 @@ pub async fn vread(
             "version {version} of {resource_type}/{id} records its deletion"
         )));
     }
-    VersionResponse {
-        app: &app,
-        record: &record,
-        status: StatusCode::OK,
-        format,
-        preference: ReturnPreference::Representation,
-        outcome_message: String::new(),
-    }
-    .into_response()
+    VersionResponse::representation(&app, &record, format).into_response()
 }

@@ -86,18 +86,11 @@ pub async fn put_version(
             compartment_patient: compartment_patient.clone(),
             key_id: None,
         };
-        match app.store.write(scope, write).await {
-            Ok(record) => {
-                return Ok(Written {
-                    record,
-                    created: current.is_none(),
-                })
-            }
-            Err(StoreError::VersionConflict) if if_match.is_some() => {
-                return Err(stale_version(if_match.unwrap_or_default()))
-            }
-            Err(StoreError::VersionConflict) => continue,
-            Err(other) => return Err(other.into()),
+        if let Some(record) = commit(app, scope, write, if_match).await? {
+            return Ok(Written {
+                record,
+                created: current.is_none(),
+            });
         }
     }
     Err(ApiError::Conflict(
@@ -148,13 +141,8 @@ pub async fn delete_version(
             ),
             key_id: None,
         };
-        match app.store.write(scope, write).await {
-            Ok(record) => return Ok(Some(record)),
-            Err(StoreError::VersionConflict) if if_match.is_some() => {
-                return Err(stale_version(if_match.unwrap_or_default()))
-            }
-            Err(StoreError::VersionConflict) => continue,
-            Err(other) => return Err(other.into()),
+        if let Some(record) = commit(app, scope, write, if_match).await? {
+            return Ok(Some(record));
         }
     }
     Err(ApiError::Conflict(
@@ -190,6 +178,22 @@ pub async fn create_new(
         key_id: None,
     };
     Ok(app.store.write(scope, write).await?)
+}
+
+/// Commits one attempt. `Ok(None)` means another writer won the race and the caller should
+/// re-read and retry; with `If-Match` there is no retry: the named version is gone (412).
+async fn commit(
+    app: &App,
+    scope: &Scope,
+    write: VersionWrite,
+    if_match: Option<i64>,
+) -> ApiResult<Option<VersionRecord>> {
+    match (app.store.write(scope, write).await, if_match) {
+        (Ok(record), _) => Ok(Some(record)),
+        (Err(StoreError::VersionConflict), Some(expected)) => Err(stale_version(expected)),
+        (Err(StoreError::VersionConflict), None) => Ok(None),
+        (Err(other), _) => Err(other.into()),
+    }
 }
 
 fn expectation(

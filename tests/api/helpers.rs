@@ -262,3 +262,18 @@ macro_rules! both_backends {
         }
     };
 }
+
+/// A resource without what the server sets (`id`, `meta.versionId`, `meta.lastUpdated`).
+pub fn without_server_fields(mut resource: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let object = resource.as_object_mut().expect("a resource object");
+    object.remove("id");
+    if let Some(Value::Object(meta)) = object.get_mut("meta") {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+        if meta.is_empty() {
+            object.remove("meta");
+        }
+    }
+    resource
+}
