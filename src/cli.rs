@@ -27,6 +27,25 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Data keys: status, rotation of the key-encryption key, retirement of an old local KEK.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `custodian keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Counts of data keys per key-encryption key, the provider, and the cache settings.
+    Status,
+    /// Re-wrap every data key under the current key-encryption key, without re-encrypting any
+    /// resource. With the local provider a new KEK version is created first; with aws, set
+    /// keys.aws_key_id to the new KMS key before running it. Safe to run again after a failure.
+    Rotate,
+    /// Delete an old local KEK file (e.g. `local:1`) once no data key uses it.
+    Retire {
+        /// The KEK id, as `keys status` shows it.
+        kek_id: String,
+    },
 }
 
 /// Runs the parsed command.
@@ -45,6 +64,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(|error| format!("server failed: {error}"))
         }
+        Command::Keys(command) => keys(settings, command).await,
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
             let store = SqlStore::connect(&settings.database_url(), 1)
@@ -56,4 +76,88 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+async fn keys(settings: Settings, command: KeysCommand) -> Result<(), String> {
+    use crate::config::KeyProviderKind;
+    use crate::crypto::local::LocalKeyProvider;
+    use crate::store::Store;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
+    let store = Arc::new(
+        SqlStore::connect(&settings.database_url(), 2)
+            .await
+            .map_err(|error| format!("cannot open the database: {error}"))?,
+    );
+    store.migrate().await.map_err(|error| error.to_string())?;
+    let count_by_kek = |keys: &[crate::store::StoredDataKey]| {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for key in keys {
+            *counts.entry(key.kek_id.clone()).or_default() += 1;
+        }
+        counts
+    };
+    match command {
+        KeysCommand::Status => {
+            let provider = crate::crypto::provider_from_settings(&settings).await?;
+            let keys = store
+                .all_data_keys()
+                .await
+                .map_err(|error| error.to_string())?;
+            println!("provider: {}", provider.name());
+            println!("current KEK: {}", provider.current_kek_id());
+            println!("data keys: {}", keys.len());
+            for (kek, count) in count_by_kek(&keys) {
+                println!("  {kek}: {count}");
+            }
+            println!(
+                "cache: at most {} keys, each for at most {} s (live counters: GET /health of a running server)",
+                settings.keys.cache_max_entries, settings.keys.cache_max_age_secs
+            );
+        }
+        KeysCommand::Rotate => {
+            if settings.keys.provider == KeyProviderKind::Local {
+                let created = LocalKeyProvider::add_version(&settings.local_key_dir())
+                    .map_err(|error| error.to_string())?;
+                println!("created local KEK {created}");
+            }
+            let provider = crate::crypto::provider_from_settings(&settings).await?;
+            let vault = crate::crypto::vault::Vault::new(
+                provider,
+                store.clone(),
+                16,
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_millis(settings.keys.timeout_ms.max(1)),
+            );
+            let (rewrapped, already) = vault
+                .rewrap_all()
+                .await
+                .map_err(|error| error.to_string())?;
+            println!(
+                "re-wrapped {rewrapped} data keys under {} ({already} already were); no resource was re-encrypted",
+                vault.provider().current_kek_id()
+            );
+        }
+        KeysCommand::Retire { kek_id } => {
+            if settings.keys.provider != KeyProviderKind::Local {
+                return Err("retire deletes local KEK files; retire a KMS key in the KMS".into());
+            }
+            let keys = store
+                .all_data_keys()
+                .await
+                .map_err(|error| error.to_string())?;
+            if let Some(count) = count_by_kek(&keys).get(&kek_id) {
+                return Err(format!(
+                    "{count} data keys are still wrapped under {kek_id}: run `custodian keys rotate` first"
+                ));
+            }
+            LocalKeyProvider::retire(&settings.local_key_dir(), &kek_id)
+                .map_err(|error| error.to_string())?;
+            println!("retired {kek_id}");
+        }
+    }
+    store.close().await;
+    Ok(())
 }

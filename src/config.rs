@@ -47,6 +47,53 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The tenant this node serves (`CUSTODIAN_TENANT`); every row carries it.
     pub tenant: String,
+    /// Envelope encryption: `[keys]` in TOML, `CUSTODIAN_KEYS__<KEY>` in the environment.
+    pub keys: KeySettings,
+}
+
+/// Which key provider wraps the data keys, and the data-key cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct KeySettings {
+    /// `local` (a key file; the development default) or `aws` (AWS KMS or a compatible endpoint).
+    pub provider: KeyProviderKind,
+    /// Directory of the local KEK files (default `<data_dir>/keys`).
+    pub local_dir: Option<PathBuf>,
+    /// KMS key id, ARN or alias that wraps new data keys (`aws`).
+    pub aws_key_id: Option<String>,
+    /// KMS region (`aws`; default from the AWS chain).
+    pub aws_region: Option<String>,
+    /// KMS endpoint URL (`aws`; default AWS itself), for API-compatible endpoints.
+    pub aws_endpoint_url: Option<String>,
+    /// Milliseconds a provider call may take before the request answers 503.
+    pub timeout_ms: u64,
+    /// Most data keys held in clear in memory.
+    pub cache_max_entries: u64,
+    /// Seconds a data key stays cached.
+    pub cache_max_age_secs: u64,
+}
+
+/// The key provider kinds.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyProviderKind {
+    Local,
+    Aws,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        KeySettings {
+            provider: KeyProviderKind::Local,
+            local_dir: None,
+            aws_key_id: None,
+            aws_region: None,
+            aws_endpoint_url: None,
+            timeout_ms: 3000,
+            cache_max_entries: 10_000,
+            cache_max_age_secs: 300,
+        }
+    }
 }
 
 /// How log lines are written.
@@ -72,6 +119,7 @@ impl Default for Settings {
             max_page_size: 500,
             log_format: LogFormat::Text,
             tenant: "default".into(),
+            keys: KeySettings::default(),
         }
     }
 }
@@ -87,6 +135,7 @@ impl std::fmt::Debug for Settings {
             .field("profiles_dir", &self.profiles_dir)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("tenant", &self.tenant)
+            .field("keys", &self.keys)
             .finish_non_exhaustive()
     }
 }
@@ -108,7 +157,11 @@ impl Settings {
             figment = figment.merge(Toml::file(path));
         }
         // CUSTODIAN_CONFIG names the file and CUSTODIAN_LOG the log filter; neither is a setting.
-        figment = figment.merge(Env::prefixed("CUSTODIAN_").ignore(&["config", "log"]));
+        figment = figment.merge(
+            Env::prefixed("CUSTODIAN_")
+                .ignore(&["config", "log"])
+                .split("__"),
+        );
         figment.extract().map_err(|error| error.to_string())
     }
 
@@ -121,6 +174,14 @@ impl Settings {
                 SecretString::from(format!("sqlite://{}?mode=rwc", file.display()))
             }
         }
+    }
+
+    /// The directory of the local KEK files.
+    pub fn local_key_dir(&self) -> PathBuf {
+        self.keys
+            .local_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
     }
 
     /// `sqlite` or `postgres` (never the URL itself, which may hold a password).

@@ -289,6 +289,21 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::crypto::vault::VaultError> for ApiError {
+    fn from(error: crate::crypto::vault::VaultError) -> Self {
+        use crate::crypto::vault::VaultError;
+        use crate::crypto::CryptoError;
+        match error {
+            VaultError::Store(store) => store.into(),
+            VaultError::Crypto(CryptoError::Unavailable(detail)) => ApiError::Unavailable(detail),
+            VaultError::Crypto(CryptoError::Integrity(detail)) => {
+                ApiError::Internal(format!("integrity failure: {detail}"))
+            }
+            VaultError::Crypto(CryptoError::Internal(detail)) => ApiError::Internal(detail),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

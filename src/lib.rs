@@ -7,6 +7,7 @@
 //! - [`api`]: the FHIR RESTful endpoints, one file per interaction, and the router.
 //! - [`fhir`]: wire formats, strict parsing and validation, patient compartment, Bundles,
 //!   CapabilityStatement.
+//! - [`crypto`]: envelope encryption (key providers, data-key cache, sealing of bodies).
 //! - [`store`]: the storage trait and its SQL implementation (SQLite and PostgreSQL).
 //! - [`error`]: the one mapping from errors to OperationOutcome and HTTP status.
 //! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod fhir;
 pub mod startup;

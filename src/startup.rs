@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{router, App, AppState};
 use crate::config::Settings;
+use crate::crypto::vault::Vault;
 use crate::fhir::capability::capability_statement;
 use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::validate::Validator;
@@ -44,6 +45,14 @@ impl Application {
             .migrate()
             .await
             .map_err(|error| format!("cannot migrate the database: {error}"))?;
+        let provider = crate::crypto::provider_from_settings(&settings).await?;
+        let vault = Vault::new(
+            provider,
+            store.clone(),
+            settings.keys.cache_max_entries,
+            std::time::Duration::from_secs(settings.keys.cache_max_age_secs),
+            std::time::Duration::from_millis(settings.keys.timeout_ms.max(1)),
+        );
         let listener = TcpListener::bind(settings.listen_addr()?)
             .await
             .map_err(|error| format!("cannot listen on {}: {error}", settings.listen))?;
@@ -59,6 +68,7 @@ impl Application {
         tracing::info!(
             address = %local,
             database = store.backend_name(),
+            key_provider = vault.provider().name(),
             base_url = %base_url,
             "custodian listening"
         );
@@ -69,6 +79,7 @@ impl Application {
             validator,
             compartment,
             base_url,
+            vault,
         });
         Ok(Application {
             listener,

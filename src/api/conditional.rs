@@ -45,7 +45,11 @@ pub async fn find(
     if let Some(ids) = &criteria.ids {
         for id in ids {
             if let Some(record) = app.store.read_current(scope, resource_type, id).await? {
-                if !record.deleted && matches_identifiers(&record, &criteria.identifiers)? {
+                if record.deleted {
+                    continue;
+                }
+                let record = app.open(record).await?;
+                if matches_identifiers(&record, &criteria.identifiers)? {
                     matches.push(record);
                 }
             }
@@ -61,6 +65,7 @@ pub async fn find(
         let full = page.len() == SCAN_PAGE;
         after = page.last().map(|record| record.id.clone());
         for record in page {
+            let record = app.open(record).await?;
             if matches_identifiers(&record, &criteria.identifiers)? {
                 matches.push(record);
             }

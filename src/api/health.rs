@@ -8,9 +8,10 @@ use serde_json::{json, Value};
 
 use super::AppState;
 
-/// `GET /health`: 200 while the process runs.
-pub async fn live() -> Json<Value> {
-    Json(json!({ "status": "up" }))
+/// `GET /health`: 200 while the process runs, with the data-key cache counters (no key
+/// material, no ids).
+pub async fn live(State(app): State<AppState>) -> Json<Value> {
+    Json(json!({ "status": "up", "dataKeyCache": app.vault.cache_stats() }))
 }
 
 /// `GET /ready`: 200 when the database answers, else 503.

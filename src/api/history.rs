@@ -83,10 +83,11 @@ async fn respond(
     let mut records = app.store.history(&app.scope(), &history_query).await?;
     let has_next = records.len() > paging.count;
     records.truncate(paging.count);
-    let entries = records
-        .iter()
-        .map(|record| history_entry(&app.base_url, record))
-        .collect::<ApiResult<Vec<_>>>()?;
+    let mut entries = Vec::with_capacity(records.len());
+    for record in &records {
+        let opened = app.open(record.clone()).await?;
+        entries.push(history_entry(&app.base_url, &opened)?);
+    }
     let base = format!("{}/{path}", app.base_url);
     let mut links = vec![(
         "self",

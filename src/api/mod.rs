@@ -49,6 +49,8 @@ pub struct App {
     pub base_url: String,
     /// The CapabilityStatement, built once.
     pub capability_statement: serde_json::Value,
+    /// Envelope encryption of every body.
+    pub vault: crate::crypto::vault::Vault,
 }
 
 /// The axum state: one `App` behind an `Arc`.
@@ -60,6 +62,16 @@ impl App {
         Scope {
             tenant: self.settings.tenant.clone(),
         }
+    }
+
+    /// A stored version with its body decrypted (JSON), ready to serve.
+    ///
+    /// # Errors
+    /// 500 (integrity alarm) when the body does not authenticate; 503 when its key cannot be
+    /// fetched.
+    pub async fn open(&self, mut record: VersionRecord) -> ApiResult<VersionRecord> {
+        record.body = self.vault.open(&self.scope(), &record).await?;
+        Ok(record)
     }
 }
 

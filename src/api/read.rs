@@ -29,5 +29,6 @@ pub async fn read(
     if record.deleted {
         return Err(ApiError::Gone(format!("{resource_type}/{id} was deleted")));
     }
+    let record = app.open(record).await?;
     VersionResponse::representation(&app, &record, format).into_response()
 }

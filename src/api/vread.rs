@@ -34,5 +34,6 @@ pub async fn vread(
             "version {version} of {resource_type}/{id} records its deletion"
         )));
     }
+    let record = app.open(record).await?;
     VersionResponse::representation(&app, &record, format).into_response()
 }

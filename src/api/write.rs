@@ -67,26 +67,24 @@ pub async fn put_version(
     if_match: Option<i64>,
     method: WriteMethod,
 ) -> ApiResult<Written> {
-    let compartment_patient =
-        app.compartment
-            .patient_of(resource_type, id, &Value::Object(resource.clone()));
+    let compartment = compartment_of(app, scope, resource_type, id, &resource).await?;
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = app.store.read_current(scope, resource_type, id).await?;
         let (expected, version) = expectation(current.as_ref(), if_match)?;
         let last_updated = Utc::now();
         let body = serialize(&stamp(resource.clone(), id, version, last_updated))?;
-        let write = VersionWrite {
-            resource_type: resource_type.to_string(),
-            id: id.to_string(),
+        let target = Target {
+            resource_type,
+            id,
             version,
             expected,
             method,
             last_updated,
-            body: Some(body),
-            compartment_patient: compartment_patient.clone(),
-            key_id: None,
         };
-        if let Some(record) = commit(app, scope, write, if_match).await? {
+        let write = sealed_write(app, scope, target, compartment.clone(), &body).await?;
+        if let Some(mut record) = commit(app, scope, write, if_match).await? {
+            // The response shows what was written, without decrypting it again.
+            record.body = Some(body);
             return Ok(Written {
                 record,
                 created: current.is_none(),
@@ -130,15 +128,8 @@ pub async fn delete_version(
             method: WriteMethod::Delete,
             last_updated: Utc::now(),
             body: None,
-            compartment_patient: app.compartment.patient_of(
-                resource_type,
-                id,
-                &current
-                    .body
-                    .as_deref()
-                    .and_then(|body| serde_json::from_slice(body).ok())
-                    .unwrap_or(Value::Null),
-            ),
+            // A deletion stays in the compartment of what it deletes.
+            compartment: current.compartment.clone(),
             key_id: None,
         };
         if let Some(record) = commit(app, scope, write, if_match).await? {
@@ -162,22 +153,81 @@ pub async fn create_new(
 ) -> ApiResult<VersionRecord> {
     let id = uuid::Uuid::new_v4().to_string();
     let last_updated = Utc::now();
-    let compartment_patient =
-        app.compartment
-            .patient_of(resource_type, &id, &Value::Object(resource.clone()));
+    let compartment = compartment_of(app, scope, resource_type, &id, &resource).await?;
     let body = serialize(&stamp(resource, &id, 1, last_updated))?;
-    let write = VersionWrite {
-        resource_type: resource_type.to_string(),
-        id,
+    let target = Target {
+        resource_type,
+        id: &id,
         version: 1,
         expected: Expected::Absent,
         method: WriteMethod::Post,
         last_updated,
-        body: Some(body),
-        compartment_patient,
-        key_id: None,
     };
-    Ok(app.store.write(scope, write).await?)
+    let write = sealed_write(app, scope, target, compartment, &body).await?;
+    let mut record = app.store.write(scope, write).await?;
+    record.body = Some(body);
+    Ok(record)
+}
+
+/// Which version a write creates.
+struct Target<'a> {
+    resource_type: &'a str,
+    id: &'a str,
+    version: i64,
+    expected: Expected,
+    method: WriteMethod,
+    last_updated: chrono::DateTime<Utc>,
+}
+
+/// The pseudonym of the patient compartment `resource` belongs to, if any.
+async fn compartment_of(
+    app: &App,
+    scope: &Scope,
+    resource_type: &str,
+    id: &str,
+    resource: &Map<String, Value>,
+) -> ApiResult<Option<String>> {
+    let patient = app
+        .compartment
+        .patient_of(resource_type, id, &Value::Object(resource.clone()));
+    match patient {
+        Some(patient_id) => Ok(Some(
+            app.store.compartment_pseudonym(scope, &patient_id).await?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A version write whose body is sealed under its compartment's data key.
+async fn sealed_write(
+    app: &App,
+    scope: &Scope,
+    target: Target<'_>,
+    compartment: Option<String>,
+    body: &[u8],
+) -> ApiResult<VersionWrite> {
+    let sealed = app
+        .vault
+        .seal(
+            scope,
+            compartment.as_deref(),
+            target.resource_type,
+            target.id,
+            target.version,
+            body,
+        )
+        .await?;
+    Ok(VersionWrite {
+        resource_type: target.resource_type.to_string(),
+        id: target.id.to_string(),
+        version: target.version,
+        expected: target.expected,
+        method: target.method,
+        last_updated: target.last_updated,
+        body: Some(sealed.ciphertext),
+        compartment,
+        key_id: Some(sealed.key_id),
+    })
 }
 
 /// Commits one attempt. `Ok(None)` means another writer won the race and the caller should

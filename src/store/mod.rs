@@ -94,11 +94,22 @@ pub struct VersionWrite {
     pub last_updated: DateTime<Utc>,
     /// The resource as stored; `None` for a deletion.
     pub body: Option<Vec<u8>>,
-    /// The id of the Patient whose compartment holds this resource, if any. The store maps it to
-    /// the compartment's pseudonym.
-    pub compartment_patient: Option<String>,
-    /// The data key that sealed `body` (set by the envelope encryption).
+    /// The pseudonym of the patient compartment holding this resource, if any
+    /// ([`Store::compartment_pseudonym`]).
+    pub compartment: Option<String>,
+    /// The data key that sealed `body`; `None` only for a deletion (no body).
     pub key_id: Option<String>,
+}
+
+/// A data key as stored: wrapped by a KEK, never in clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDataKey {
+    pub key_id: String,
+    pub tenant: String,
+    /// The compartment pseudonym; `None` for the tenant's key.
+    pub compartment: Option<String>,
+    pub kek_id: String,
+    pub wrapped: Vec<u8>,
 }
 
 /// One stored version, as read back.
@@ -183,6 +194,60 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
     async fn history(&self, scope: &Scope, query: &HistoryQuery)
         -> StoreResult<Vec<VersionRecord>>;
+
+    /// The pseudonym of a patient's compartment, created on first use. Pseudonyms are random
+    /// UUIDs: the database never links a compartment to a name, and erasure can keep the
+    /// pseudonym in the audit while destroying the data.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn compartment_pseudonym(&self, scope: &Scope, patient_id: &str) -> StoreResult<String>;
+
+    /// The data key of a compartment (`None`: the tenant's key), if one was made.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn find_data_key(
+        &self,
+        scope: &Scope,
+        compartment: Option<&str>,
+    ) -> StoreResult<Option<StoredDataKey>>;
+
+    /// A data key by its id.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn data_key_by_id(
+        &self,
+        scope: &Scope,
+        key_id: &str,
+    ) -> StoreResult<Option<StoredDataKey>>;
+
+    /// Stores a new data key unless the compartment already has one; returns whether it did
+    /// (a concurrent request may have won).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn insert_data_key(&self, key: &StoredDataKey) -> StoreResult<bool>;
+
+    /// Every data key of every tenant (rotation, status).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn all_data_keys(&self) -> StoreResult<Vec<StoredDataKey>>;
+
+    /// Replaces a data key's wrapping if it is still wrapped under `old_kek_id`; returns whether
+    /// it was.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn rewrap_data_key(
+        &self,
+        key_id: &str,
+        old_kek_id: &str,
+        new_kek_id: &str,
+        wrapped: &[u8],
+    ) -> StoreResult<bool>;
 
     /// The current, not deleted versions of every resource of a type, in id order, one page
     /// after `after_id`. Used by conditional interactions until the search index exists.

@@ -16,8 +16,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    Expected, HistoryQuery, Scope, Store, StoreError, StoreResult, VersionRecord, VersionWrite,
-    WriteMethod,
+    Expected, HistoryQuery, Scope, Store, StoreError, StoreResult, StoredDataKey, VersionRecord,
+    VersionWrite, WriteMethod,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -156,6 +156,19 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
+const DATA_KEY_COLUMNS: &str = "key_id, tenant, compartment, kek_id, wrapped";
+
+fn decode_data_key(row: &AnyRow) -> StoreResult<StoredDataKey> {
+    let get_error = |error: sqlx::Error| StoreError::Internal(format!("bad data key row: {error}"));
+    Ok(StoredDataKey {
+        key_id: row.try_get("key_id").map_err(get_error)?,
+        tenant: row.try_get("tenant").map_err(get_error)?,
+        compartment: row.try_get("compartment").map_err(get_error)?,
+        kek_id: row.try_get("kek_id").map_err(get_error)?,
+        wrapped: row.try_get("wrapped").map_err(get_error)?,
+    })
+}
+
 fn micros(time: DateTime<Utc>) -> i64 {
     time.timestamp_micros()
 }
@@ -275,12 +288,7 @@ impl Store for SqlStore {
             return Err(StoreError::VersionConflict);
         }
 
-        let compartment = match &write.compartment_patient {
-            Some(patient_id) => {
-                Some(compartment_pseudonym(&mut transaction, scope, patient_id).await?)
-            }
-            None => None,
-        };
+        let compartment = write.compartment;
 
         let inserted = sqlx::query(
             "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
@@ -377,6 +385,128 @@ impl Store for SqlStore {
         rows.iter().map(decode).collect()
     }
 
+    async fn compartment_pseudonym(&self, scope: &Scope, patient_id: &str) -> StoreResult<String> {
+        let select =
+            "SELECT pseudonym FROM patient_compartments WHERE tenant = $1 AND patient_id = $2";
+        let existing = sqlx::query(select)
+            .bind(&scope.tenant)
+            .bind(patient_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        if existing.is_none() {
+            sqlx::query(
+                "INSERT INTO patient_compartments (tenant, patient_id, pseudonym) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant, patient_id) DO NOTHING",
+            )
+            .bind(&scope.tenant)
+            .bind(patient_id)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        }
+        let row = match existing {
+            Some(row) => row,
+            // Whoever inserted first (this request or a concurrent one) decided the pseudonym.
+            None => sqlx::query(select)
+                .bind(&scope.tenant)
+                .bind(patient_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?,
+        };
+        row.try_get("pseudonym")
+            .map_err(|error| StoreError::Internal(error.to_string()))
+    }
+
+    async fn find_data_key(
+        &self,
+        scope: &Scope,
+        compartment: Option<&str>,
+    ) -> StoreResult<Option<StoredDataKey>> {
+        // `compartment = NULL` is never true in SQL, so the tenant's key needs its own condition.
+        let statement = format!(
+            "SELECT {DATA_KEY_COLUMNS} FROM data_keys WHERE tenant = $1 AND {}",
+            if compartment.is_some() {
+                "compartment = $2"
+            } else {
+                "compartment IS NULL"
+            }
+        );
+        let mut query = sqlx::query(&statement).bind(&scope.tenant);
+        if let Some(compartment) = compartment {
+            query = query.bind(compartment);
+        }
+        let row = query.fetch_optional(&self.pool).await.map_err(classify)?;
+        row.as_ref().map(decode_data_key).transpose()
+    }
+
+    async fn data_key_by_id(
+        &self,
+        scope: &Scope,
+        key_id: &str,
+    ) -> StoreResult<Option<StoredDataKey>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DATA_KEY_COLUMNS} FROM data_keys WHERE tenant = $1 AND key_id = $2"
+        ))
+        .bind(&scope.tenant)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.as_ref().map(decode_data_key).transpose()
+    }
+
+    async fn insert_data_key(&self, key: &StoredDataKey) -> StoreResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO data_keys (key_id, tenant, compartment, kek_id, wrapped, created_us) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.key_id)
+        .bind(&key.tenant)
+        .bind(key.compartment.as_deref())
+        .bind(&key.kek_id)
+        .bind(key.wrapped.as_slice())
+        .bind(micros(chrono::Utc::now()))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn all_data_keys(&self) -> StoreResult<Vec<StoredDataKey>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DATA_KEY_COLUMNS} FROM data_keys ORDER BY tenant, key_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(decode_data_key).collect()
+    }
+
+    async fn rewrap_data_key(
+        &self,
+        key_id: &str,
+        old_kek_id: &str,
+        new_kek_id: &str,
+        wrapped: &[u8],
+    ) -> StoreResult<bool> {
+        let updated = sqlx::query(
+            "UPDATE data_keys SET kek_id = $1, wrapped = $2, rewrapped_us = $3 \
+             WHERE key_id = $4 AND kek_id = $5",
+        )
+        .bind(new_kek_id)
+        .bind(wrapped)
+        .bind(micros(chrono::Utc::now()))
+        .bind(key_id)
+        .bind(old_kek_id)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
     async fn current_of_type(
         &self,
         scope: &Scope,
@@ -401,32 +531,4 @@ impl Store for SqlStore {
             .map_err(classify)?;
         rows.iter().map(decode).collect()
     }
-}
-
-/// The compartment pseudonym of a patient, created on first use inside the write's transaction.
-async fn compartment_pseudonym(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
-    scope: &Scope,
-    patient_id: &str,
-) -> StoreResult<String> {
-    sqlx::query(
-        "INSERT INTO patient_compartments (tenant, patient_id, pseudonym) VALUES ($1, $2, $3) \
-         ON CONFLICT (tenant, patient_id) DO NOTHING",
-    )
-    .bind(&scope.tenant)
-    .bind(patient_id)
-    .bind(uuid::Uuid::new_v4().to_string())
-    .execute(&mut **transaction)
-    .await
-    .map_err(classify)?;
-    let row = sqlx::query(
-        "SELECT pseudonym FROM patient_compartments WHERE tenant = $1 AND patient_id = $2",
-    )
-    .bind(&scope.tenant)
-    .bind(patient_id)
-    .fetch_one(&mut **transaction)
-    .await
-    .map_err(classify)?;
-    row.try_get("pseudonym")
-        .map_err(|error| StoreError::Internal(error.to_string()))
 }

@@ -29,6 +29,7 @@ pub struct TestApp {
     pub backend: Backend,
     data_dir: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Drop for TestApp {
@@ -36,7 +37,9 @@ impl Drop for TestApp {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if !self.data_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
@@ -115,20 +118,59 @@ pub async fn spawn_app_with(
     };
     settings.database_url = Some(SecretString::from(database_url.clone()));
     adjust(&mut settings);
+    Some(start(settings, backend, data_dir, database_url).await)
+}
+
+async fn start(
+    settings: Settings,
+    backend: Backend,
+    data_dir: PathBuf,
+    database_url: String,
+) -> TestApp {
     let application = Application::build(settings).await.expect("server builds");
     let port = application.port();
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(application.run_until(async {
-        let _ = stopped.await;
-    }));
-    Some(TestApp {
+    let (finished, done) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = application
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await;
+        let _ = finished.send(());
+    });
+    TestApp {
         base_url: format!("http://127.0.0.1:{port}"),
         client: reqwest::Client::new(),
         database_url,
         backend,
         data_dir,
         shutdown: Some(shutdown),
-    })
+        stopped: Some(done),
+    }
+}
+
+impl TestApp {
+    /// Stops the server and starts a new one on the same data directory and database (a
+    /// restart: nothing in memory survives, e.g. cached data keys and loaded KEKs).
+    pub async fn restart(mut self, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(stopped) = self.stopped.take() {
+            let _ = stopped.await;
+        }
+        let mut settings = test_settings(&self.data_dir);
+        settings.database_url = Some(SecretString::from(self.database_url.clone()));
+        adjust(&mut settings);
+        let data_dir = std::mem::take(&mut self.data_dir);
+        start(settings, self.backend, data_dir, self.database_url.clone()).await
+    }
+
+    /// The data directory (SQLite file, local key files).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
 }
 
 /// Starts a server with default test settings.
@@ -218,6 +260,18 @@ impl TestApp {
             .await
             .expect("query");
         row.try_get::<i64, _>(0).expect("integer")
+    }
+
+    /// Runs one SQL statement directly on the database (tests that tamper with rows).
+    pub async fn execute(&self, sql: &str) {
+        sqlx::any::install_default_drivers();
+        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database");
+        sqlx::query(sql)
+            .execute(&mut connection)
+            .await
+            .expect("statement");
     }
 
     /// Runs one SQL query returning text values of the first column.
