@@ -187,6 +187,36 @@ mod tests {
         }
     }
 
+    /// Cost of sealing and opening (not a pass/fail test): run with
+    /// `cargo test --release --lib measure_envelope_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure_envelope_cost() {
+        let key = Zeroizing::new([7u8; 32]);
+        let row = binding(
+            "tenant",
+            "Patient",
+            3,
+            Some("c5a7e0a4-6f0e-4d57-9d3b-0f4c1b7f7a21"),
+        );
+        for size in [2 * 1024, 64 * 1024, 4 * 1024 * 1024] {
+            let body = vec![b'x'; size];
+            let rounds = (64 * 1024 * 1024 / size).clamp(8, 20_000);
+            let start = std::time::Instant::now();
+            let mut sealed = Vec::new();
+            for _ in 0..rounds {
+                sealed = seal(&key, &row, &body).unwrap();
+            }
+            let seal_cost = start.elapsed() / rounds as u32;
+            let start = std::time::Instant::now();
+            for _ in 0..rounds {
+                open(&key, &row, &sealed).unwrap();
+            }
+            let open_cost = start.elapsed() / rounds as u32;
+            println!("{size:>8} bytes: seal {seal_cost:?}, open {open_cost:?}");
+        }
+    }
+
     #[test]
     fn two_seals_of_the_same_body_differ() {
         let key = Zeroizing::new([7u8; 32]);

@@ -231,3 +231,75 @@ async fn rotation_rewraps_without_losing_data(app: TestApp) {
     assert!(status.contains("local:2: 3"), "{status}");
 }
 both_backends!(key_rotation, super::rotation_rewraps_without_losing_data);
+
+/// The server with the aws key provider against the KMS emulator over HTTP: round trips, a KMS
+/// that hangs (503 with Retry-After, nothing written), and recovery without a restart.
+async fn aws_provider_round_trips_and_fails_closed(backend: Backend) {
+    let Some(kms) = crate::moto::MotoServer::start().await else {
+        return;
+    };
+    let key_id = kms.create_key().await;
+    let endpoint = kms.endpoint_url();
+    let Some(app) = crate::helpers::spawn_app_with(backend, |settings| {
+        settings.keys.provider = custodian::config::KeyProviderKind::Aws;
+        settings.keys.aws_key_id = Some(key_id);
+        settings.keys.aws_endpoint_url = Some(endpoint);
+        settings.keys.aws_region = Some("us-east-1".into());
+        settings.keys.timeout_ms = 1000;
+        // No cache: every request needs KMS, so the outage is visible on reads too.
+        settings.keys.cache_max_entries = 0;
+    })
+    .await
+    else {
+        return;
+    };
+
+    let first = app.create_id(&canary_patient(1)).await;
+    let read = app.get_json(&format!("Patient/{first}"), 200).await;
+    assert!(read.to_string().contains(CANARY));
+    let kek = app
+        .strings("SELECT kek_id FROM data_keys")
+        .await
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    assert_eq!(kek.len(), 1);
+    assert!(
+        kek[0].starts_with("arn:aws:kms:"),
+        "wrapped by the KMS key: {kek:?}"
+    );
+    let rows_before = app.count("SELECT COUNT(*) FROM resource_versions").await;
+
+    kms.pause();
+    let started = std::time::Instant::now();
+    let during = app.create(&canary_patient(2)).await;
+    assert_eq!(during.status(), 503);
+    assert!(during.headers().contains_key("retry-after"));
+    let outcome: Value = during.json().await.unwrap();
+    assert_eq!(outcome["issue"][0]["code"], "transient");
+    assert!(
+        !outcome.to_string().contains("kms"),
+        "no internals: {outcome}"
+    );
+    assert_eq!(app.get(&format!("Patient/{first}")).await.status(), 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM resource_versions").await,
+        rows_before,
+        "nothing half-written"
+    );
+
+    kms.resume();
+    app.get_json(&format!("Patient/{first}"), 200).await;
+    app.create_id(&canary_patient(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_provider_sqlite() {
+    aws_provider_round_trips_and_fails_closed(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_provider_postgres() {
+    aws_provider_round_trips_and_fails_closed(Backend::Postgres).await;
+}

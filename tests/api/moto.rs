@@ -91,6 +91,28 @@ impl MotoServer {
     }
 
     /// Kills the emulator and waits for it to exit: a KMS outage. Does nothing when stopped.
+    /// Freezes the emulator (SIGSTOP): connections are accepted by the kernel but never answered,
+    /// like a KMS that hangs. Its state survives, unlike [`MotoServer::stop`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused emulator (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(process) = &self.process {
+            let status = Command::new("kill")
+                .arg(signal)
+                .arg(process.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut process) = self.process.take() {
             let _ = process.kill();
