@@ -30,6 +30,35 @@ pub enum Command {
     /// Data keys: status, rotation of the key-encryption key, retirement of an old local KEK.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Print a development access token (dev mode only), signed by the key in the data
+    /// directory. The token is the last line of standard output.
+    Token(TokenArgs),
+}
+
+/// `custodian token …`
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// The caller's role: practitioner, patient, ehr-system, compliance-officer or admin.
+    #[arg(long)]
+    pub role: String,
+    /// `fhirUser`, e.g. Practitioner/123.
+    #[arg(long)]
+    pub fhir_user: Option<String>,
+    /// The launch patient id (confines `patient/` scopes).
+    #[arg(long)]
+    pub patient: Option<String>,
+    /// SMART scopes; default: the role's natural scopes.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Purpose of use, e.g. TREAT or ETREAT.
+    #[arg(long)]
+    pub purpose: Option<String>,
+    /// `sub` (default: dev-<role>).
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub lifetime_secs: i64,
 }
 
 /// `custodian keys …`
@@ -65,6 +94,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|error| format!("server failed: {error}"))
         }
         Command::Keys(command) => keys(settings, command).await,
+        Command::Token(arguments) => token(&settings, arguments),
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
             let store = SqlStore::connect(&settings.database_url(), 1)
@@ -159,5 +189,46 @@ async fn keys(settings: Settings, command: KeysCommand) -> Result<(), String> {
         }
     }
     store.close().await;
+    Ok(())
+}
+
+fn token(settings: &Settings, arguments: TokenArgs) -> Result<(), String> {
+    use crate::authz::dev::{DevIssuer, DevTokenRequest};
+    if !settings.dev_issuer_enabled()? {
+        return Err(
+            "the development issuer is off in this configuration (auth.dev_issuer); use your IdP"
+                .into(),
+        );
+    }
+    let issuer = DevIssuer::load_or_create(&settings.data_dir)?;
+    let audience = settings
+        .auth
+        .audience
+        .clone()
+        .or_else(|| settings.base_url.clone())
+        .unwrap_or_else(|| format!("http://{}", settings.listen))
+        .trim_end_matches('/')
+        .to_string();
+    let scope = arguments.scope.unwrap_or_else(|| {
+        crate::authz::scopes::Scopes::natural_for_role(&arguments.role).to_string()
+    });
+    let request = DevTokenRequest {
+        subject: arguments
+            .subject
+            .unwrap_or_else(|| format!("dev-{}", arguments.role)),
+        roles: vec![arguments.role],
+        fhir_user: arguments.fhir_user,
+        patient: arguments.patient,
+        scope,
+        tenant: Some(settings.tenant.clone()),
+        purpose_of_use: arguments.purpose,
+        lifetime_secs: arguments.lifetime_secs,
+    };
+    let token = issuer.mint(&audience, &request)?;
+    eprintln!(
+        "development token for audience {audience} (scopes: {})",
+        request.scope
+    );
+    println!("{token}");
     Ok(())
 }

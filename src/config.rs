@@ -49,6 +49,61 @@ pub struct Settings {
     pub tenant: String,
     /// Envelope encryption: `[keys]` in TOML, `CUSTODIAN_KEYS__<KEY>` in the environment.
     pub keys: KeySettings,
+    /// Authentication and authorization: `[auth]`, `CUSTODIAN_AUTH__<KEY>`.
+    pub auth: AuthSettings,
+}
+
+/// Token issuers and the policy files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// OIDC issuer URLs to trust, separated by spaces or commas.
+    pub issuers: String,
+    /// The `aud` access tokens must carry (default: the base URL).
+    pub audience: Option<String>,
+    /// The claim that holds the caller's roles.
+    pub roles_claim: String,
+    /// Clock leeway for `exp` and `nbf`, seconds.
+    pub leeway_secs: u64,
+    /// The built-in development issuer (`custodian token`): `auto` (on for the embedded default:
+    /// SQLite, local keys, no issuer), `on` (also with PostgreSQL; refused together with AWS KMS
+    /// or an OIDC issuer), or `off`.
+    pub dev_issuer: DevIssuerMode,
+    /// Directory of the Casbin model and policy (default `./policies`).
+    pub policies_dir: PathBuf,
+}
+
+/// Whether the development issuer is trusted.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DevIssuerMode {
+    Auto,
+    On,
+    Off,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            issuers: String::new(),
+            audience: None,
+            roles_claim: "roles".into(),
+            leeway_secs: 30,
+            dev_issuer: DevIssuerMode::Auto,
+            policies_dir: PathBuf::from("policies"),
+        }
+    }
+}
+
+impl AuthSettings {
+    /// The configured issuer URLs.
+    pub fn issuer_list(&self) -> Vec<String> {
+        self.issuers
+            .split([' ', ','])
+            .filter(|issuer| !issuer.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 /// Which key provider wraps the data keys, and the data-key cache.
@@ -120,6 +175,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             tenant: "default".into(),
             keys: KeySettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -136,6 +192,7 @@ impl std::fmt::Debug for Settings {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("tenant", &self.tenant)
             .field("keys", &self.keys)
+            .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +230,36 @@ impl Settings {
                 let file = self.data_dir.join("custodian.db");
                 SecretString::from(format!("sqlite://{}?mode=rwc", file.display()))
             }
+        }
+    }
+
+    /// Settings that only make sense in production: AWS KMS or a real token issuer.
+    pub fn production_settings(&self) -> Vec<&'static str> {
+        let mut found = Vec::new();
+        if self.keys.provider == KeyProviderKind::Aws {
+            found.push("the aws key provider");
+        }
+        if !self.auth.issuer_list().is_empty() {
+            found.push("an OIDC issuer");
+        }
+        found
+    }
+
+    /// Whether the development issuer is trusted.
+    ///
+    /// # Errors
+    /// When it is forced on together with production settings.
+    pub fn dev_issuer_enabled(&self) -> Result<bool, String> {
+        let production = self.production_settings();
+        match self.auth.dev_issuer {
+            DevIssuerMode::Off => Ok(false),
+            // The embedded default: SQLite, local keys, no issuer.
+            DevIssuerMode::Auto => Ok(production.is_empty() && self.database_kind() == "sqlite"),
+            DevIssuerMode::On if production.is_empty() => Ok(true),
+            DevIssuerMode::On => Err(format!(
+                "auth.dev_issuer = on is refused with production settings ({})",
+                production.join(", ")
+            )),
         }
     }
 

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`api`]: the FHIR RESTful endpoints, one file per interaction, and the router.
+//! - [`authz`]: bearer tokens, SMART scopes, Casbin policy, the access decision.
 //! - [`fhir`]: wire formats, strict parsing and validation, patient compartment, Bundles,
 //!   CapabilityStatement.
 //! - [`crypto`]: envelope encryption (key providers, data-key cache, sealing of bodies).
@@ -14,6 +15,7 @@
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
 
 pub mod api;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -22,3 +24,10 @@ pub mod fhir;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+
+/// Installs aws-lc-rs as the process's TLS crypto provider (for outgoing HTTPS: OIDC discovery
+/// and JWKS). Idempotent; called at start-up before any HTTP client is built.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

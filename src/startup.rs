@@ -6,6 +6,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::api::{router, App, AppState};
+use crate::authz::decision::Decider;
+use crate::authz::dev::DevIssuer;
+use crate::authz::policy::PolicyEngine;
+use crate::authz::token::{TokenValidator, ValidatorSettings};
 use crate::config::Settings;
 use crate::crypto::vault::Vault;
 use crate::fhir::capability::capability_statement;
@@ -46,13 +50,15 @@ impl Application {
             .await
             .map_err(|error| format!("cannot migrate the database: {error}"))?;
         let provider = crate::crypto::provider_from_settings(&settings).await?;
-        let vault = Vault::new(
+        let vault = Arc::new(Vault::new(
             provider,
             store.clone(),
             settings.keys.cache_max_entries,
             std::time::Duration::from_secs(settings.keys.cache_max_age_secs),
             std::time::Duration::from_millis(settings.keys.timeout_ms.max(1)),
-        );
+        ));
+        let policy = Arc::new(PolicyEngine::load(&settings.auth.policies_dir).await?);
+        policy.clone().watch(settings.auth.policies_dir.clone());
         let listener = TcpListener::bind(settings.listen_addr()?)
             .await
             .map_err(|error| format!("cannot listen on {}: {error}", settings.listen))?;
@@ -72,6 +78,38 @@ impl Application {
             base_url = %base_url,
             "custodian listening"
         );
+        let dev_issuer = if settings.dev_issuer_enabled()? {
+            tracing::warn!(
+                "the development token issuer is trusted (custodian token): for development only"
+            );
+            Some(DevIssuer::load_or_create(&settings.data_dir)?)
+        } else {
+            None
+        };
+        let issuers = settings.auth.issuer_list();
+        if dev_issuer.is_none() && issuers.is_empty() {
+            tracing::warn!("no token issuer is configured: every FHIR request will be refused");
+        }
+        let tokens = TokenValidator::new(
+            ValidatorSettings {
+                audience: settings
+                    .auth
+                    .audience
+                    .clone()
+                    .unwrap_or_else(|| base_url.clone()),
+                issuers,
+                roles_claim: settings.auth.roles_claim.clone(),
+                tenant: settings.tenant.clone(),
+                leeway_secs: settings.auth.leeway_secs,
+            },
+            dev_issuer,
+        );
+        let decider = Decider::new(
+            policy,
+            store.clone(),
+            vault.clone(),
+            settings.tenant.clone(),
+        );
         let app = Arc::new(App {
             capability_statement: capability_statement(&base_url, "2026-11-22"),
             settings,
@@ -80,6 +118,8 @@ impl Application {
             compartment,
             base_url,
             vault,
+            tokens,
+            decider,
         });
         Ok(Application {
             listener,

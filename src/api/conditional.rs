@@ -11,8 +11,9 @@
 use serde_json::Value;
 
 use super::{App, QueryParams};
+use crate::authz::decision::Permit;
 use crate::error::{ApiError, ApiResult, Issue, IssueCode};
-use crate::store::{Scope, VersionRecord};
+use crate::store::VersionRecord;
 
 /// How many current versions one scan step reads.
 const SCAN_PAGE: usize = 1000;
@@ -36,11 +37,12 @@ struct TokenCriterion {
 /// 400 for missing or unsupported criteria; 503 when the database is down.
 pub async fn find(
     app: &App,
-    scope: &Scope,
+    permit: &Permit,
     resource_type: &str,
     query: &QueryParams,
 ) -> ApiResult<Vec<VersionRecord>> {
     let criteria = parse(query)?;
+    let scope = permit.scope();
     let mut matches = Vec::new();
     if let Some(ids) = &criteria.ids {
         for id in ids {
@@ -48,7 +50,9 @@ pub async fn find(
                 if record.deleted {
                     continue;
                 }
-                let record = app.open(record).await?;
+                let Some(record) = app.open_visible(permit, record).await? else {
+                    continue;
+                };
                 if matches_identifiers(&record, &criteria.identifiers)? {
                     matches.push(record);
                 }
@@ -65,7 +69,9 @@ pub async fn find(
         let full = page.len() == SCAN_PAGE;
         after = page.last().map(|record| record.id.clone());
         for record in page {
-            let record = app.open(record).await?;
+            let Some(record) = app.open_visible(permit, record).await? else {
+                continue;
+            };
             if matches_identifiers(&record, &criteria.identifiers)? {
                 matches.push(record);
             }

@@ -7,17 +7,20 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 
 use super::{
     check_resource_type, conditional, negotiate, read_resource, return_preference, write, AppState,
-    QueryParams, VersionResponse,
+    Caller, QueryParams, VersionResponse,
 };
+use crate::authz::decision::Interaction;
 use crate::error::{ApiError, ApiResult, IssueCode};
 
 /// `POST /{type}`.
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn create(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path(resource_type): Path<String>,
     query: QueryParams,
     headers: HeaderMap,
@@ -25,15 +28,22 @@ pub async fn create(
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
     let format = negotiate(&query, &headers)?;
+    let permit = app
+        .decide(&principal, Interaction::Create, Some(&resource_type))
+        .await?;
     let resource = read_resource(&app, &headers, body, &resource_type).await?;
-    let scope = app.scope();
 
     if let Some(criteria) = headers.get("if-none-exist") {
         let criteria = criteria.to_str().map_err(|_| {
             ApiError::invalid(IssueCode::Value, "If-None-Exist must be a query string")
         })?;
         let criteria = QueryParams::parse(criteria.trim_start_matches('?'));
-        let mut matches = conditional::find(&app, &scope, &resource_type, &criteria).await?;
+        // Matching is a search: it needs search permission and sees only what the caller may
+        // see, so If-None-Exist cannot probe for resources outside the caller's reach.
+        let search = app
+            .decide(&principal, Interaction::Search, Some(&resource_type))
+            .await?;
+        let mut matches = conditional::find(&app, &search, &resource_type, &criteria).await?;
         match matches.len() {
             0 => {}
             1 => {
@@ -56,7 +66,7 @@ pub async fn create(
         }
     }
 
-    let record = write::create_new(&app, &scope, &resource_type, resource).await?;
+    let record = write::create_new(&app, &permit, &resource_type, resource).await?;
     tracing::info!(version = record.version, "created");
     VersionResponse {
         app: &app,

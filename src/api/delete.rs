@@ -7,11 +7,13 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 
 use super::{
     check_resource_type, conditional, http_date, if_match_version, insert_header, write, AppState,
-    QueryParams,
+    Caller, QueryParams,
 };
+use crate::authz::decision::Interaction;
 use crate::error::{ApiError, ApiResult};
 use crate::fhir::bundle::etag;
 use crate::store::VersionRecord;
@@ -20,15 +22,19 @@ use crate::store::VersionRecord;
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn delete(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path((resource_type, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
+    let permit = app
+        .decide(&principal, Interaction::Delete, Some(&resource_type))
+        .await?;
     if !crate::fhir::is_valid_id(&id) {
         return Err(ApiError::resource_not_found(&resource_type, "(invalid id)"));
     }
     let if_match = if_match_version(&headers)?;
-    let deleted = write::delete_version(&app, &app.scope(), &resource_type, &id, if_match).await?;
+    let deleted = write::delete_version(&app, &permit, &resource_type, &id, if_match).await?;
     Ok(no_content(deleted.as_ref()))
 }
 
@@ -36,19 +42,25 @@ pub async fn delete(
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn conditional_delete(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path(resource_type): Path<String>,
     query: QueryParams,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
-    let scope = app.scope();
-    let matches = conditional::find(&app, &scope, &resource_type, &query).await?;
+    let permit = app
+        .decide(&principal, Interaction::Delete, Some(&resource_type))
+        .await?;
+    let search = app
+        .decide(&principal, Interaction::Search, Some(&resource_type))
+        .await?;
+    let matches = conditional::find(&app, &search, &resource_type, &query).await?;
     match matches.as_slice() {
         [] => Ok(no_content(None)),
         [only] => {
             let if_match = if_match_version(&headers)?;
             let deleted =
-                write::delete_version(&app, &scope, &resource_type, &only.id, if_match).await?;
+                write::delete_version(&app, &permit, &resource_type, &only.id, if_match).await?;
             Ok(no_content(deleted.as_ref()))
         }
         _ => Err(ApiError::MultipleMatches(

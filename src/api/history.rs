@@ -9,9 +9,11 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::{check_resource_type, negotiate, value_response, App, AppState, QueryParams};
+use super::{check_resource_type, negotiate, value_response, App, AppState, Caller, QueryParams};
+use crate::authz::decision::{Interaction, Permit};
 use crate::error::{ApiError, ApiResult, Issue, IssueCode};
 use crate::fhir::bundle::{history_bundle, history_entry};
 use crate::store::HistoryQuery;
@@ -20,49 +22,90 @@ use crate::store::HistoryQuery;
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn history_instance(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path((resource_type, id)): Path<(String, String)>,
     query: QueryParams,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
-    if !crate::fhir::is_valid_id(&id)
-        || app
-            .store
-            .read_current(&app.scope(), &resource_type, &id)
-            .await?
-            .is_none()
-    {
-        return Err(ApiError::resource_not_found(&resource_type, &id));
+    let permit = app
+        .decide(
+            &principal,
+            Interaction::HistoryInstance,
+            Some(&resource_type),
+        )
+        .await?;
+    let not_found = || ApiError::resource_not_found(&resource_type, &id);
+    if !crate::fhir::is_valid_id(&id) {
+        return Err(not_found());
     }
+    let current = app
+        .store
+        .read_current(permit.scope(), &resource_type, &id)
+        .await?
+        .ok_or_else(not_found)?;
+    // A resource the caller may not see now has no history for them either.
+    app.open_visible(&permit, current)
+        .await?
+        .ok_or_else(not_found)?;
     let path = format!("{resource_type}/{id}/_history");
-    respond(&app, &query, &headers, Some(resource_type), Some(id), &path).await
+    respond(
+        &app,
+        &permit,
+        &query,
+        &headers,
+        Some(resource_type),
+        Some(id),
+        &path,
+    )
+    .await
 }
 
 /// `GET /{type}/_history`.
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn history_type(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path(resource_type): Path<String>,
     query: QueryParams,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
+    let permit = app
+        .decide(&principal, Interaction::HistoryType, Some(&resource_type))
+        .await?;
     let path = format!("{resource_type}/_history");
-    respond(&app, &query, &headers, Some(resource_type), None, &path).await
+    respond(
+        &app,
+        &permit,
+        &query,
+        &headers,
+        Some(resource_type),
+        None,
+        &path,
+    )
+    .await
 }
 
 /// `GET /_history`.
 #[tracing::instrument(skip_all)]
 pub async fn history_system(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     query: QueryParams,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    respond(&app, &query, &headers, None, None, "_history").await
+    let permit = app
+        .decide(&principal, Interaction::HistorySystem, None)
+        .await?;
+    respond(&app, &permit, &query, &headers, None, None, "_history").await
 }
 
+/// Reads pages of versions until `count` visible ones (plus one, to know a next page exists)
+/// are found: what the caller may not see is left out, and paging counts only what remains.
 async fn respond(
     app: &App,
+    permit: &Permit,
     query: &QueryParams,
     headers: &HeaderMap,
     resource_type: Option<String>,
@@ -71,22 +114,38 @@ async fn respond(
 ) -> ApiResult<Response> {
     let format = negotiate(query, headers)?;
     let paging = Paging::parse(query, app.settings.page_size, app.settings.max_page_size)?;
-    let history_query = HistoryQuery {
+    let mut history_query = HistoryQuery {
         resource_type,
         id,
         since: paging.since,
         until: None,
+        compartment: permit.compartment_filter().map(str::to_string),
         before_sequence: paging.cursor,
         // One more than a page tells whether a next page exists.
         limit: paging.count + 1,
     };
-    let mut records = app.store.history(&app.scope(), &history_query).await?;
+    let mut records = Vec::with_capacity(paging.count + 1);
+    loop {
+        let batch = app.store.history(permit.scope(), &history_query).await?;
+        let exhausted = batch.len() < history_query.limit;
+        history_query.before_sequence = batch.last().map(|record| record.sequence);
+        for record in batch {
+            if let Some(visible) = app.open_visible(permit, record).await? {
+                records.push(visible);
+                if records.len() > paging.count {
+                    break;
+                }
+            }
+        }
+        if exhausted || records.len() > paging.count {
+            break;
+        }
+    }
     let has_next = records.len() > paging.count;
     records.truncate(paging.count);
     let mut entries = Vec::with_capacity(records.len());
     for record in &records {
-        let opened = app.open(record.clone()).await?;
-        entries.push(history_entry(&app.base_url, &opened)?);
+        entries.push(history_entry(&app.base_url, record)?);
     }
     let base = format!("{}/{path}", app.base_url);
     let mut links = vec![(

@@ -2,6 +2,7 @@
 //! the pieces every interaction uses (request reading, content negotiation, response headers).
 //! One file per interaction.
 
+mod auth;
 mod capabilities;
 mod conditional;
 mod create;
@@ -27,13 +28,15 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::authz::decision::{Interaction, Permit, ResourceFacts};
+use crate::authz::principal::Principal;
 use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
 use crate::fhir::bundle::etag;
 use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::format::{response_format, Format};
 use crate::fhir::validate::Validator;
-use crate::store::{Scope, Store, VersionRecord};
+use crate::store::{Store, VersionRecord};
 
 /// Everything a request handler needs, shared by all requests.
 pub struct App {
@@ -50,36 +53,76 @@ pub struct App {
     /// The CapabilityStatement, built once.
     pub capability_statement: serde_json::Value,
     /// Envelope encryption of every body.
-    pub vault: crate::crypto::vault::Vault,
+    pub vault: Arc<crate::crypto::vault::Vault>,
+    /// Bearer-token validation.
+    pub tokens: crate::authz::token::TokenValidator,
+    /// The access decision.
+    pub decider: crate::authz::decision::Decider,
 }
 
 /// The axum state: one `App` behind an `Arc`.
 pub type AppState = Arc<App>;
 
 impl App {
-    /// The store scope of a request (the tenant this node serves).
-    pub fn scope(&self) -> Scope {
-        Scope {
-            tenant: self.settings.tenant.clone(),
-        }
-    }
-
-    /// A stored version with its body decrypted (JSON), ready to serve.
+    /// A stored version with its body decrypted (JSON), if the permit covers it; `None` when
+    /// the resource is outside the caller's reach (answered like a missing one).
     ///
     /// # Errors
     /// 500 (integrity alarm) when the body does not authenticate; 503 when its key cannot be
     /// fetched.
-    pub async fn open(&self, mut record: VersionRecord) -> ApiResult<VersionRecord> {
-        record.body = self.vault.open(&self.scope(), &record).await?;
-        Ok(record)
+    pub async fn open_visible(
+        &self,
+        permit: &Permit,
+        mut record: VersionRecord,
+    ) -> ApiResult<Option<VersionRecord>> {
+        record.body = self.vault.open(permit.scope(), &record).await?;
+        let resource: Option<serde_json::Value> = match &record.body {
+            Some(body) => Some(
+                serde_json::from_slice(body)
+                    .map_err(|_| ApiError::Internal("a stored body is not JSON".into()))?,
+            ),
+            None => None,
+        };
+        let facts = ResourceFacts {
+            resource_type: &record.resource_type,
+            compartment: record.compartment.as_deref(),
+            resource: resource.as_ref(),
+        };
+        Ok(self
+            .decider
+            .visible(permit, &facts)
+            .await?
+            .then_some(record))
+    }
+
+    /// Decides a request (403 when never allowed).
+    ///
+    /// # Errors
+    /// 403 when the caller's scopes or roles never allow the interaction on this type.
+    pub async fn decide(
+        &self,
+        principal: &Arc<Principal>,
+        interaction: Interaction,
+        resource_type: Option<&str>,
+    ) -> ApiResult<Permit> {
+        self.decider
+            .decide(principal, interaction, resource_type)
+            .await
     }
 }
+
+/// The authenticated caller of a request (set by the authentication middleware).
+pub type Caller = axum::Extension<Arc<Principal>>;
 
 /// The HTTP router with every FHIR endpoint and the cross-cutting layers.
 pub fn router(app: AppState) -> Router {
     let timeout = Duration::from_secs(app.settings.request_timeout_secs.max(1));
     Router::new()
         .route("/metadata", get(capabilities::capabilities))
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
         .route("/health", get(health::live))
         .route("/ready", get(health::ready))
         .route("/_history", get(history::history_system))
@@ -104,6 +147,10 @@ pub fn router(app: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn(move |request, next| {
             deadline(timeout, request, next)
         }))

@@ -8,12 +8,14 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use serde_json::{Map, Value};
 
 use super::{
     check_resource_type, conditional, if_match_version, negotiate, read_resource,
-    return_preference, write, App, AppState, QueryParams, VersionResponse,
+    return_preference, write, App, AppState, Caller, QueryParams, VersionResponse,
 };
+use crate::authz::decision::{Interaction, Permit};
 use crate::error::{ApiError, ApiResult, Issue, IssueCode};
 use crate::fhir::format::Format;
 use crate::store::WriteMethod;
@@ -22,6 +24,7 @@ use crate::store::WriteMethod;
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn update(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path((resource_type, id)): Path<(String, String)>,
     query: QueryParams,
     headers: HeaderMap,
@@ -29,6 +32,9 @@ pub async fn update(
 ) -> ApiResult<Response> {
     check_resource_type(&resource_type)?;
     let format = negotiate(&query, &headers)?;
+    let permit = app
+        .decide(&principal, Interaction::Update, Some(&resource_type))
+        .await?;
     let resource = read_resource(&app, &headers, body, &resource_type).await?;
     if !crate::fhir::is_valid_id(&id) {
         return Err(ApiError::invalid(
@@ -48,10 +54,10 @@ pub async fn update(
     let if_match = if_match_version(&headers)?;
     respond(
         &app,
+        &permit,
         &headers,
         format,
-        &resource_type,
-        &id,
+        (&resource_type, &id),
         resource,
         if_match,
     )
@@ -62,6 +68,7 @@ pub async fn update(
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn conditional_update(
     State(app): State<AppState>,
+    Extension(principal): Caller,
     Path(resource_type): Path<String>,
     query: QueryParams,
     headers: HeaderMap,
@@ -70,8 +77,13 @@ pub async fn conditional_update(
     check_resource_type(&resource_type)?;
     let format = negotiate(&query, &headers)?;
     let resource = read_resource(&app, &headers, body, &resource_type).await?;
-    let scope = app.scope();
-    let matches = conditional::find(&app, &scope, &resource_type, &query).await?;
+    let permit = app
+        .decide(&principal, Interaction::Update, Some(&resource_type))
+        .await?;
+    let search = app
+        .decide(&principal, Interaction::Search, Some(&resource_type))
+        .await?;
+    let matches = conditional::find(&app, &search, &resource_type, &query).await?;
     let body_id = resource
         .get("id")
         .and_then(Value::as_str)
@@ -97,10 +109,10 @@ pub async fn conditional_update(
     let if_match = if_match_version(&headers)?;
     respond(
         &app,
+        &permit,
         &headers,
         format,
-        &resource_type,
-        &id,
+        (&resource_type, &id),
         resource,
         if_match,
     )
@@ -109,17 +121,16 @@ pub async fn conditional_update(
 
 async fn respond(
     app: &App,
+    permit: &Permit,
     headers: &HeaderMap,
     format: Format,
-    resource_type: &str,
-    id: &str,
+    (resource_type, id): (&str, &str),
     resource: Map<String, Value>,
     if_match: Option<i64>,
 ) -> ApiResult<Response> {
-    let scope = app.scope();
     let written = write::put_version(
         app,
-        &scope,
+        permit,
         resource_type,
         id,
         resource,

@@ -5,6 +5,7 @@ use chrono::Utc;
 use serde_json::{Map, Value};
 
 use crate::api::App;
+use crate::authz::decision::{Interaction, Permit, ResourceFacts};
 use crate::error::{ApiError, ApiResult};
 use crate::fhir::bundle::instant;
 use crate::store::{Expected, Scope, StoreError, VersionRecord, VersionWrite, WriteMethod};
@@ -54,22 +55,59 @@ fn serialize(resource: &Value) -> ApiResult<Vec<u8>> {
 }
 
 /// Writes `resource` as the next version of `resource_type/id` (create when it never existed).
-/// With `if_match`, the current version must be that one, else 412.
+/// With `if_match`, the current version must be that one, else 412. The caller must be allowed
+/// to see the current version (else 404), to write the new content (else 403), and, when the
+/// write creates the resource, to create it.
 ///
 /// # Errors
-/// 412 on a stale `If-Match`, 409 after repeated lost races, 503 when the database is down.
+/// 403/404 as above, 412 on a stale `If-Match`, 409 after repeated lost races, 503 when the
+/// database or the key provider is down.
+#[allow(clippy::too_many_arguments)]
 pub async fn put_version(
     app: &App,
-    scope: &Scope,
+    permit: &Permit,
     resource_type: &str,
     id: &str,
     resource: Map<String, Value>,
     if_match: Option<i64>,
     method: WriteMethod,
 ) -> ApiResult<Written> {
+    let scope = permit.scope();
     let compartment = compartment_of(app, scope, resource_type, id, &resource).await?;
+    check_writable(
+        app,
+        permit,
+        resource_type,
+        compartment.as_deref(),
+        &resource,
+    )
+    .await?;
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = app.store.read_current(scope, resource_type, id).await?;
+        match &current {
+            Some(current) => {
+                if app.open_visible(permit, current.clone()).await?.is_none() {
+                    return Err(ApiError::resource_not_found(resource_type, id));
+                }
+            }
+            None => {
+                let create = app
+                    .decide(
+                        permit.principal_arc(),
+                        Interaction::Create,
+                        Some(resource_type),
+                    )
+                    .await?;
+                check_writable(
+                    app,
+                    &create,
+                    resource_type,
+                    compartment.as_deref(),
+                    &resource,
+                )
+                .await?;
+            }
+        }
         let (expected, version) = expectation(current.as_ref(), if_match)?;
         let last_updated = Utc::now();
         let body = serialize(&stamp(resource.clone(), id, version, last_updated))?;
@@ -100,18 +138,27 @@ pub async fn put_version(
 /// (nothing is written: deleting twice changes nothing).
 ///
 /// # Errors
-/// 404 when the resource never existed, 412 on a stale `If-Match`, 503 when the database is down.
+/// 404 when the resource never existed or is outside the caller's reach, 412 on a stale
+/// `If-Match`, 503 when the database is down.
 pub async fn delete_version(
     app: &App,
-    scope: &Scope,
+    permit: &Permit,
     resource_type: &str,
     id: &str,
     if_match: Option<i64>,
 ) -> ApiResult<Option<VersionRecord>> {
+    let scope = permit.scope();
     for _ in 0..MAX_WRITE_ATTEMPTS {
-        let Some(current) = app.store.read_current(scope, resource_type, id).await? else {
-            return Err(ApiError::resource_not_found(resource_type, id));
-        };
+        let not_found = || ApiError::resource_not_found(resource_type, id);
+        let current = app
+            .store
+            .read_current(scope, resource_type, id)
+            .await?
+            .ok_or_else(not_found)?;
+        let current = app
+            .open_visible(permit, current)
+            .await?
+            .ok_or_else(not_found)?;
         if let Some(expected) = if_match {
             if current.version != expected {
                 return Err(stale_version(expected));
@@ -144,16 +191,26 @@ pub async fn delete_version(
 /// Creates a new resource with a server-assigned id.
 ///
 /// # Errors
-/// 503 when the database is down.
+/// 403 when the content is outside what the caller may create; 503 when the database or the
+/// key provider is down.
 pub async fn create_new(
     app: &App,
-    scope: &Scope,
+    permit: &Permit,
     resource_type: &str,
     resource: Map<String, Value>,
 ) -> ApiResult<VersionRecord> {
+    let scope = permit.scope();
     let id = uuid::Uuid::new_v4().to_string();
     let last_updated = Utc::now();
     let compartment = compartment_of(app, scope, resource_type, &id, &resource).await?;
+    check_writable(
+        app,
+        permit,
+        resource_type,
+        compartment.as_deref(),
+        &resource,
+    )
+    .await?;
     let body = serialize(&stamp(resource, &id, 1, last_updated))?;
     let target = Target {
         resource_type,
@@ -167,6 +224,30 @@ pub async fn create_new(
     let mut record = app.store.write(scope, write).await?;
     record.body = Some(body);
     Ok(record)
+}
+
+/// The new content must lie within the permit (compartment, labels, policy), else 403: the
+/// caller knows what they sent, so refusing reveals nothing.
+async fn check_writable(
+    app: &App,
+    permit: &Permit,
+    resource_type: &str,
+    compartment: Option<&str>,
+    resource: &Map<String, Value>,
+) -> ApiResult<()> {
+    let resource = Value::Object(resource.clone());
+    let facts = ResourceFacts {
+        resource_type,
+        compartment,
+        resource: Some(&resource),
+    };
+    if app.decider.visible(permit, &facts).await? {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "the caller may not write this resource".into(),
+        ))
+    }
 }
 
 /// Which version a write creates.

@@ -80,7 +80,7 @@ impl Vault {
     ) -> VaultResult<Sealed> {
         let (key_id, key) = self.compartment_key(scope, compartment).await?;
         let binding = RecordBinding {
-            tenant: &scope.tenant,
+            tenant: scope.tenant(),
             resource_type,
             id,
             version,
@@ -117,7 +117,7 @@ impl Vault {
         };
         let key = self.key_by_id(scope, key_id).await?;
         let binding = RecordBinding {
-            tenant: &scope.tenant,
+            tenant: scope.tenant(),
             resource_type: &record.resource_type,
             id: &record.id,
             version: record.version,
@@ -151,7 +151,7 @@ impl Vault {
         }
         let key_id = uuid::Uuid::new_v4().to_string();
         let context = KeyContext {
-            tenant: scope.tenant.clone(),
+            tenant: scope.tenant().to_string(),
             key_id: key_id.clone(),
             compartment: compartment.map(str::to_string),
         };
@@ -160,7 +160,7 @@ impl Vault {
             .await?;
         let stored = StoredDataKey {
             key_id: key_id.clone(),
-            tenant: scope.tenant.clone(),
+            tenant: scope.tenant().to_string(),
             compartment: compartment.map(str::to_string),
             kek_id: wrapped.kek_id,
             wrapped: wrapped.ciphertext,

@@ -19,11 +19,27 @@ pub use sql::SqlStore;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-/// The tenant and request a store call serves. Every store method takes it first.
+/// The tenant a store call serves. Every store method takes it first, and outside this crate
+/// the only way to get one is an authorization `Permit` (`authz::decision`): storage cannot be
+/// reached without a decision.
 #[derive(Debug, Clone)]
 pub struct Scope {
+    tenant: String,
+}
+
+impl Scope {
+    /// A scope for the server's own work (the decision point, CLI commands). Crate-internal so
+    /// that request handlers cannot make one without a permit.
+    pub(crate) fn system(tenant: &str) -> Scope {
+        Scope {
+            tenant: tenant.to_string(),
+        }
+    }
+
     /// The tenant whose rows may be touched.
-    pub tenant: String,
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
 }
 
 /// Errors of the storage layer.
@@ -140,6 +156,8 @@ pub struct HistoryQuery {
     pub since: Option<DateTime<Utc>>,
     /// Only versions written at or before this time (`_at` style upper bound).
     pub until: Option<DateTime<Utc>>,
+    /// Only versions in this patient compartment (a patient-confined caller).
+    pub compartment: Option<String>,
     /// Paging cursor: only versions with a sequence number below this one.
     pub before_sequence: Option<i64>,
     /// Page size.
@@ -194,6 +212,16 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
     async fn history(&self, scope: &Scope, query: &HistoryQuery)
         -> StoreResult<Vec<VersionRecord>>;
+
+    /// The current, not deleted versions of every resource in a patient compartment.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn current_in_compartment(
+        &self,
+        scope: &Scope,
+        compartment: &str,
+    ) -> StoreResult<Vec<VersionRecord>>;
 
     /// The pseudonym of a patient's compartment, created on first use. Pseudonyms are random
     /// UUIDs: the database never links a compartment to a name, and erasure can keep the

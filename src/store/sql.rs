@@ -225,7 +225,7 @@ impl Store for SqlStore {
              WHERE h.tenant = $1 AND h.resource_type = $2 AND h.resource_id = $3"
         );
         let row = sqlx::query(&statement)
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(resource_type)
             .bind(id)
             .fetch_optional(&self.pool)
@@ -246,7 +246,7 @@ impl Store for SqlStore {
              WHERE v.tenant = $1 AND v.resource_type = $2 AND v.resource_id = $3 AND v.version_id = $4"
         );
         let row = sqlx::query(&statement)
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(resource_type)
             .bind(id)
             .bind(version)
@@ -267,7 +267,7 @@ impl Store for SqlStore {
                 "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             )
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(&write.resource_type)
             .bind(&write.id)
             .bind(write.version)
@@ -276,7 +276,7 @@ impl Store for SqlStore {
                 "UPDATE resource_heads SET version_id = $4, deleted = $5 \
                  WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
             )
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(&write.resource_type)
             .bind(&write.id)
             .bind(write.version)
@@ -295,7 +295,7 @@ impl Store for SqlStore {
                last_updated_us, deleted, compartment, key_id, body) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING sequence",
         )
-        .bind(&scope.tenant)
+        .bind(scope.tenant())
         .bind(&write.resource_type)
         .bind(&write.id)
         .bind(write.version)
@@ -352,6 +352,9 @@ impl Store for SqlStore {
         if query.until.is_some() {
             conditions.push(placeholder("v.last_updated_us <= ?"));
         }
+        if query.compartment.is_some() {
+            conditions.push(placeholder("v.compartment = ?"));
+        }
         if query.before_sequence.is_some() {
             conditions.push(placeholder("v.sequence < ?"));
         }
@@ -361,7 +364,7 @@ impl Store for SqlStore {
              ORDER BY v.sequence DESC LIMIT {limit}",
             conditions.join(" AND ")
         );
-        let mut sql = sqlx::query(&statement).bind(&scope.tenant);
+        let mut sql = sqlx::query(&statement).bind(scope.tenant());
         if let Some(resource_type) = &query.resource_type {
             sql = sql.bind(resource_type);
         }
@@ -374,6 +377,9 @@ impl Store for SqlStore {
         if let Some(until) = query.until {
             sql = sql.bind(micros(until));
         }
+        if let Some(compartment) = &query.compartment {
+            sql = sql.bind(compartment);
+        }
         if let Some(before) = query.before_sequence {
             sql = sql.bind(before);
         }
@@ -385,11 +391,32 @@ impl Store for SqlStore {
         rows.iter().map(decode).collect()
     }
 
+    async fn current_in_compartment(
+        &self,
+        scope: &Scope,
+        compartment: &str,
+    ) -> StoreResult<Vec<VersionRecord>> {
+        let statement = format!(
+            "SELECT {VERSION_COLUMNS} FROM resource_heads h \
+             JOIN resource_versions v ON v.tenant = h.tenant AND v.resource_type = h.resource_type \
+              AND v.resource_id = h.resource_id AND v.version_id = h.version_id \
+             WHERE h.tenant = $1 AND h.deleted = 0 AND v.compartment = $2 \
+             ORDER BY v.resource_type, v.resource_id"
+        );
+        let rows = sqlx::query(&statement)
+            .bind(scope.tenant())
+            .bind(compartment)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(decode).collect()
+    }
+
     async fn compartment_pseudonym(&self, scope: &Scope, patient_id: &str) -> StoreResult<String> {
         let select =
             "SELECT pseudonym FROM patient_compartments WHERE tenant = $1 AND patient_id = $2";
         let existing = sqlx::query(select)
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(patient_id)
             .fetch_optional(&self.pool)
             .await
@@ -399,7 +426,7 @@ impl Store for SqlStore {
                 "INSERT INTO patient_compartments (tenant, patient_id, pseudonym) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant, patient_id) DO NOTHING",
             )
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(patient_id)
             .bind(uuid::Uuid::new_v4().to_string())
             .execute(&self.pool)
@@ -410,7 +437,7 @@ impl Store for SqlStore {
             Some(row) => row,
             // Whoever inserted first (this request or a concurrent one) decided the pseudonym.
             None => sqlx::query(select)
-                .bind(&scope.tenant)
+                .bind(scope.tenant())
                 .bind(patient_id)
                 .fetch_one(&self.pool)
                 .await
@@ -434,7 +461,7 @@ impl Store for SqlStore {
                 "compartment IS NULL"
             }
         );
-        let mut query = sqlx::query(&statement).bind(&scope.tenant);
+        let mut query = sqlx::query(&statement).bind(scope.tenant());
         if let Some(compartment) = compartment {
             query = query.bind(compartment);
         }
@@ -450,7 +477,7 @@ impl Store for SqlStore {
         let row = sqlx::query(&format!(
             "SELECT {DATA_KEY_COLUMNS} FROM data_keys WHERE tenant = $1 AND key_id = $2"
         ))
-        .bind(&scope.tenant)
+        .bind(scope.tenant())
         .bind(key_id)
         .fetch_optional(&self.pool)
         .await
@@ -522,7 +549,7 @@ impl Store for SqlStore {
              ORDER BY h.resource_id LIMIT $4"
         );
         let rows = sqlx::query(&statement)
-            .bind(&scope.tenant)
+            .bind(scope.tenant())
             .bind(resource_type)
             .bind(after_id.unwrap_or(""))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))

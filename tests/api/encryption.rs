@@ -233,14 +233,24 @@ async fn rotation_rewraps_without_losing_data(app: TestApp) {
 both_backends!(key_rotation, super::rotation_rewraps_without_losing_data);
 
 /// The server with the aws key provider against the KMS emulator over HTTP: round trips, a KMS
-/// that hangs (503 with Retry-After, nothing written), and recovery without a restart.
+/// that hangs (503 with Retry-After, nothing written), and recovery without a restart. With
+/// AWS KMS configured the development issuer is refused, so tokens come from the real OpenID
+/// provider, as in production.
 async fn aws_provider_round_trips_and_fails_closed(backend: Backend) {
+    const AUDIENCE: &str = "urn:custodian:test-kms";
     let Some(kms) = crate::moto::MotoServer::start().await else {
+        return;
+    };
+    let Some(oidc) = crate::oidc::OidcProvider::start(&[AUDIENCE]).await else {
         return;
     };
     let key_id = kms.create_key().await;
     let endpoint = kms.endpoint_url();
-    let Some(app) = crate::helpers::spawn_app_with(backend, |settings| {
+    let issuer = oidc.issuer().to_string();
+    let Some(mut app) = crate::helpers::spawn_app_with(backend, |settings| {
+        settings.auth.dev_issuer = custodian::config::DevIssuerMode::Off;
+        settings.auth.issuers = issuer;
+        settings.auth.audience = Some(AUDIENCE.into());
         settings.keys.provider = custodian::config::KeyProviderKind::Aws;
         settings.keys.aws_key_id = Some(key_id);
         settings.keys.aws_endpoint_url = Some(endpoint);
@@ -253,6 +263,7 @@ async fn aws_provider_round_trips_and_fails_closed(backend: Backend) {
     else {
         return;
     };
+    app.use_token(&oidc.client_secret_token("system/*.cruds", AUDIENCE).await);
 
     let first = app.create_id(&canary_patient(1)).await;
     let read = app.get_json(&format!("Patient/{first}"), 200).await;

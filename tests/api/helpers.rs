@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use custodian::authz::dev::{DevIssuer, DevTokenRequest};
 use custodian::config::Settings;
 use custodian::startup::Application;
 use secrecy::SecretString;
@@ -23,7 +24,10 @@ pub enum Backend {
 /// A running server and what the test needs to reach it and its database.
 pub struct TestApp {
     pub base_url: String,
+    /// Sends the suite's default token (an EHR system with `system/*.cruds`).
     pub client: reqwest::Client,
+    /// Sends no token.
+    pub anonymous: reqwest::Client,
     /// The database URL, for tests that inspect rows directly.
     pub database_url: String,
     pub backend: Backend,
@@ -80,12 +84,35 @@ async fn postgres_reachable() -> bool {
 
 /// Settings for a test server with a fresh data directory.
 pub fn test_settings(data_dir: &std::path::Path) -> Settings {
-    Settings {
+    let mut settings = Settings {
         listen: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
         profiles_dir: repo_dir().join("fhir-profiles"),
         max_connections: 8,
         ..Settings::default()
+    };
+    // The suite signs its tokens with the development issuer, on SQLite and PostgreSQL alike.
+    settings.auth.dev_issuer = custodian::config::DevIssuerMode::On;
+    settings.auth.policies_dir = repo_dir().join("policies");
+    settings
+}
+
+/// A token of the development issuer for `base_url`, with the given role, scopes and claims.
+pub fn dev_token(data_dir: &std::path::Path, base_url: &str, request: DevTokenRequest) -> String {
+    DevIssuer::load_or_create(data_dir)
+        .expect("dev issuer key")
+        .mint(base_url, &request)
+        .expect("mint a token")
+}
+
+/// The suite's default caller: an EHR system with every `system/` permission.
+pub fn ehr_system() -> DevTokenRequest {
+    DevTokenRequest {
+        subject: "test-ehr".into(),
+        roles: vec!["ehr-system".into()],
+        scope: "system/*.cruds".into(),
+        lifetime_secs: 3600,
+        ..DevTokenRequest::default()
     }
 }
 
@@ -139,9 +166,21 @@ async fn start(
             .await;
         let _ = finished.send(());
     });
+    custodian::install_crypto_provider();
+    let base_url = format!("http://127.0.0.1:{port}");
+    let token = dev_token(&data_dir, &base_url, ehr_system());
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
     TestApp {
-        base_url: format!("http://127.0.0.1:{port}"),
-        client: reqwest::Client::new(),
+        base_url,
+        client: reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client"),
+        anonymous: reqwest::Client::new(),
         database_url,
         backend,
         data_dir,
@@ -165,6 +204,24 @@ impl TestApp {
         adjust(&mut settings);
         let data_dir = std::mem::take(&mut self.data_dir);
         start(settings, self.backend, data_dir, self.database_url.clone()).await
+    }
+
+    /// Makes `client` send this token instead of the default one.
+    pub fn use_token(&mut self, token: &str) {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        self.client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client");
+    }
+
+    /// A token for this server from the development issuer.
+    pub fn token(&self, request: DevTokenRequest) -> String {
+        dev_token(&self.data_dir, &self.base_url, request)
     }
 
     /// The data directory (SQLite file, local key files).

@@ -1,6 +1,7 @@
 //! The real binary's log never holds PHI or secrets: it runs with debug logging while a request
-//! carries canary values (in the body, in an invalid body, in conditional criteria) and the
-//! database URL carries a canary password; then its whole output is searched for them.
+//! carries canary values (in the body, in an invalid body, in conditional criteria), the
+//! database URL carries a canary password and the requests carry a bearer token; then its whole
+//! output is searched for them.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -31,6 +32,8 @@ async fn logs_hold_no_phi_and_no_secrets() {
         .env("CUSTODIAN_LISTEN", format!("127.0.0.1:{port}"))
         .env("CUSTODIAN_DATA_DIR", &data_dir)
         .env("CUSTODIAN_PROFILES_DIR", repo_dir().join("fhir-profiles"))
+        .env("CUSTODIAN_AUTH__POLICIES_DIR", repo_dir().join("policies"))
+        .env("CUSTODIAN_AUTH__DEV_ISSUER", "on")
         .env("CUSTODIAN_LOG", "trace")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -51,9 +54,37 @@ async fn logs_hold_no_phi_and_no_secrets() {
             format!("{with_password}/{database}"),
         );
     }
+    // The token comes from `custodian token`, as a developer would get one.
+    let minted = Command::new(env!("CARGO_BIN_EXE_custodian"))
+        .args(["token", "--role", "ehr-system"])
+        .env("CUSTODIAN_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CUSTODIAN_DATA_DIR", &data_dir)
+        .env("CUSTODIAN_AUTH__DEV_ISSUER", "on")
+        .output()
+        .expect("custodian token");
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let token = String::from_utf8(minted.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
     let mut server = command.spawn().expect("start custodian");
 
-    let client = reqwest::Client::new();
+    custodian::install_crypto_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let mut ready = false;
     for _ in 0..100 {
@@ -131,7 +162,7 @@ async fn logs_hold_no_phi_and_no_secrets() {
         log.contains("custodian stopped"),
         "the server stopped gracefully: {log}"
     );
-    for canary in [NAME_CANARY, MRN_CANARY, PASSWORD_CANARY] {
+    for canary in [NAME_CANARY, MRN_CANARY, PASSWORD_CANARY, token.as_str()] {
         assert!(
             !log.contains(canary),
             "the log contains the canary {canary}"

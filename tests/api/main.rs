@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod authz;
 mod bad_input;
 mod conditional;
 mod crud;
@@ -13,4 +14,5 @@ mod history;
 mod logs;
 mod metadata;
 mod moto;
+mod oidc;
 mod oracle;

@@ -144,6 +144,7 @@ impl MotoServer {
 
     /// Polls `GET /` until the emulator answers anything over HTTP.
     async fn wait_until_ready(&mut self) {
+        custodian::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()

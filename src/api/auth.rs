@@ -1,0 +1,88 @@
+//! Authentication at the edge, and the SMART configuration document.
+//!
+//! Every endpoint needs a valid bearer token except `/metadata`,
+//! `/.well-known/smart-configuration`, `/health` and `/ready`, which hold no PHI. A missing or
+//! invalid token is a 401 with `WWW-Authenticate: Bearer`; why it failed goes to the log only.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::authz::principal::Principal;
+use crate::error::ApiError;
+
+/// Paths that answer without a token.
+const OPEN_PATHS: &[&str] = &[
+    "/metadata",
+    "/.well-known/smart-configuration",
+    "/health",
+    "/ready",
+];
+
+/// Middleware: validates the bearer token and puts the [`Principal`] in the request.
+pub async fn authenticate(
+    State(app): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(token) = token else {
+        tracing::info!(reason = "no bearer token", "authentication failed");
+        return ApiError::Unauthorized.into_response();
+    };
+    match app.tokens.authenticate(token).await {
+        Ok(principal) => {
+            request.extensions_mut().insert::<Arc<Principal>>(principal);
+            next.run(request).await
+        }
+        Err(error) => {
+            tracing::info!(reason = %error, "authentication failed");
+            ApiError::Unauthorized.into_response()
+        }
+    }
+}
+
+/// `GET /.well-known/smart-configuration`
+/// (https://hl7.org/fhir/smart-app-launch/conformance.html).
+pub async fn smart_configuration(State(app): State<AppState>) -> Json<Value> {
+    let issuer = app.tokens.issuer_urls().next().map(str::to_string);
+    let endpoint = |path: &str| issuer.as_ref().map(|issuer| format!("{issuer}{path}"));
+    Json(json!({
+        "issuer": issuer,
+        "jwks_uri": endpoint("/jwks"),
+        "authorization_endpoint": endpoint("/auth"),
+        "token_endpoint": endpoint("/token"),
+        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384", "RS256", "ES256"],
+        "scopes_supported": [
+            "openid", "fhirUser", "launch", "launch/patient", "offline_access",
+            "patient/*.rs", "user/*.cruds", "system/*.cruds", "patient/*.read", "user/*.*", "system/*.*"
+        ],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "capabilities": [
+            "launch-standalone", "client-public", "client-confidential-symmetric",
+            "client-confidential-asymmetric", "context-standalone-patient", "permission-patient",
+            "permission-user", "permission-v1", "permission-v2", "sso-openid-connect"
+        ]
+    }))
+}
