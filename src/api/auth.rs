@@ -63,13 +63,13 @@ pub async fn authenticate(
 /// `GET /.well-known/smart-configuration`
 /// (https://hl7.org/fhir/smart-app-launch/conformance.html).
 pub async fn smart_configuration(State(app): State<AppState>) -> Json<Value> {
-    let issuer = app.tokens.issuer_urls().next().map(str::to_string);
-    let endpoint = |path: &str| issuer.as_ref().map(|issuer| format!("{issuer}{path}"));
+    // The identity provider's own endpoints, as its discovery document states them.
+    let endpoints = app.tokens.first_issuer_endpoints().await;
     Json(json!({
-        "issuer": issuer,
-        "jwks_uri": endpoint("/jwks"),
-        "authorization_endpoint": endpoint("/auth"),
-        "token_endpoint": endpoint("/token"),
+        "issuer": endpoints.as_ref().map(|found| found.issuer.clone()),
+        "jwks_uri": endpoints.as_ref().map(|found| found.jwks_uri.clone()),
+        "authorization_endpoint": endpoints.as_ref().map(|found| found.authorization_endpoint.clone()),
+        "token_endpoint": endpoints.as_ref().and_then(|found| found.token_endpoint.clone()),
         "grant_types_supported": ["authorization_code", "client_credentials"],
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384", "RS256", "ES256"],

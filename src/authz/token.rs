@@ -66,6 +66,16 @@ struct RemoteIssuer {
 struct IssuerKeys {
     jwks: Option<Arc<JwkSet>>,
     fetched_at: Option<Instant>,
+    endpoints: Option<IssuerEndpoints>,
+}
+
+/// What discovery says about an issuer, for `/.well-known/smart-configuration`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IssuerEndpoints {
+    pub issuer: String,
+    pub jwks_uri: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: Option<String>,
 }
 
 /// Validates access tokens.
@@ -141,11 +151,6 @@ impl TokenValidator {
         &self.audience
     }
 
-    /// The trusted issuer URLs.
-    pub fn issuer_urls(&self) -> impl Iterator<Item = &str> {
-        self.issuers.iter().map(|issuer| issuer.issuer.as_str())
-    }
-
     /// Validates a bearer token and returns its principal.
     ///
     /// # Errors
@@ -204,15 +209,40 @@ impl TokenValidator {
             .is_none_or(|fetched| fetched.elapsed() >= JWKS_REFRESH_INTERVAL);
         if jwk.is_none() && may_refresh {
             keys.fetched_at = Some(Instant::now());
-            let fetched = Arc::new(self.fetch_jwks(&remote.issuer).await?);
+            let (fetched, endpoints) = self.fetch_jwks(&remote.issuer).await?;
+            let fetched = Arc::new(fetched);
             jwk = known(&fetched);
             keys.jwks = Some(fetched);
+            keys.endpoints = Some(endpoints);
         }
         let jwk = jwk.ok_or(AuthError::UnknownKey)?;
         DecodingKey::from_jwk(&jwk).map_err(|error| AuthError::Invalid(error.to_string()))
     }
 
-    async fn fetch_jwks(&self, issuer: &str) -> Result<JwkSet, AuthError> {
+    /// The first trusted issuer's endpoints, discovering them if needed (`None` when no issuer
+    /// is configured or it cannot be reached).
+    pub async fn first_issuer_endpoints(&self) -> Option<IssuerEndpoints> {
+        let remote = self.issuers.first()?;
+        let mut keys = remote.keys.lock().await;
+        if keys.endpoints.is_none() {
+            let may_refresh = keys
+                .fetched_at
+                .is_none_or(|fetched| fetched.elapsed() >= JWKS_REFRESH_INTERVAL);
+            if may_refresh {
+                keys.fetched_at = Some(Instant::now());
+                match self.fetch_jwks(&remote.issuer).await {
+                    Ok((jwks, endpoints)) => {
+                        keys.jwks = Some(Arc::new(jwks));
+                        keys.endpoints = Some(endpoints);
+                    }
+                    Err(error) => tracing::warn!(%error, "issuer discovery failed"),
+                }
+            }
+        }
+        keys.endpoints.clone()
+    }
+
+    async fn fetch_jwks(&self, issuer: &str) -> Result<(JwkSet, IssuerEndpoints), AuthError> {
         use openidconnect::core::CoreProviderMetadata;
         use openidconnect::IssuerUrl;
         let issuer_url = IssuerUrl::new(issuer.to_string())
@@ -222,6 +252,14 @@ impl TokenValidator {
             .await
             .map_err(|error| AuthError::IssuerUnavailable(format!("discovery: {error}")))?;
         let jwks_uri = metadata.jwks_uri().url().clone();
+        let endpoints = IssuerEndpoints {
+            issuer: issuer.to_string(),
+            jwks_uri: jwks_uri.to_string(),
+            authorization_endpoint: metadata.authorization_endpoint().url().to_string(),
+            token_endpoint: metadata
+                .token_endpoint()
+                .map(|endpoint| endpoint.url().to_string()),
+        };
         let response = self
             .http
             .get(jwks_uri)
@@ -229,10 +267,11 @@ impl TokenValidator {
             .await
             .and_then(reqwest::Response::error_for_status)
             .map_err(|error| AuthError::IssuerUnavailable(format!("jwks: {error}")))?;
-        response
+        let jwks = response
             .json::<JwkSet>()
             .await
-            .map_err(|error| AuthError::IssuerUnavailable(format!("jwks: {error}")))
+            .map_err(|error| AuthError::IssuerUnavailable(format!("jwks: {error}")))?;
+        Ok((jwks, endpoints))
     }
 
     fn principal(&self, issuer: &str, claims: Map<String, Value>) -> Result<Principal, AuthError> {

@@ -578,3 +578,120 @@ async fn role_matrix(app: TestApp) {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 both_backends!(matrix, super::role_matrix);
+
+/// Tokens from a real OpenID provider (npm oidc-provider): discovered, keys from its JWKS,
+/// client_credentials with a secret and with private_key_jwt, user tokens with fhirUser; and the
+/// ways such tokens must fail.
+async fn tokens_from_a_real_identity_provider(backend: crate::helpers::Backend) {
+    const AUDIENCE: &str = "urn:custodian:test-oidc";
+    let Some(oidc) = crate::oidc::OidcProvider::start(&[AUDIENCE, "urn:other:server"]).await else {
+        return;
+    };
+    let issuer = oidc.issuer().to_string();
+    let Some(app) = crate::helpers::spawn_app_with(backend, |settings| {
+        settings.auth.dev_issuer = custodian::config::DevIssuerMode::Off;
+        settings.auth.issuers = issuer;
+        settings.auth.audience = Some(AUDIENCE.into());
+    })
+    .await
+    else {
+        return;
+    };
+    // The dev issuer is off: the suite's default token is refused.
+    assert_eq!(app.get("Patient/x").await.status(), 401);
+
+    let secret_token = oidc.client_secret_token("system/*.cruds", AUDIENCE).await;
+    let id = {
+        let response = app
+            .anonymous
+            .post(app.url("Patient"))
+            .bearer_auth(&secret_token)
+            .header("content-type", FHIR_JSON)
+            .body(json!({"resourceType": "Patient", "generalPractitioner": [{"reference": "Practitioner/oidc-doc"}]}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let path = format!("Patient/{id}");
+    let jwt_token = oidc.private_key_jwt_token("system/*.rs", AUDIENCE).await;
+    assert_eq!(status_with(&app, &jwt_token, "GET", &path, None).await, 200);
+    assert_eq!(
+        status_with(&app, &jwt_token, "DELETE", &path, None).await,
+        403,
+        "read-only scopes"
+    );
+
+    let doctor = oidc
+        .mint(json!({"sub": "doc", "roles": ["practitioner"], "fhirUser": "Practitioner/oidc-doc", "scope": "openid fhirUser user/*.cruds"}))
+        .await;
+    assert_eq!(status_with(&app, &doctor, "GET", &path, None).await, 200);
+    let other_doctor = oidc
+        .mint(json!({"sub": "doc2", "roles": ["practitioner"], "fhirUser": "Practitioner/other", "scope": "user/*.cruds"}))
+        .await;
+    assert_eq!(
+        status_with(&app, &other_doctor, "GET", &path, None).await,
+        404
+    );
+
+    let refused = [
+        ("another audience", oidc.client_secret_token("system/*.cruds", "urn:other:server").await),
+        ("expired", oidc.mint(json!({"sub": "x", "roles": ["ehr-system"], "scope": "system/*.cruds", "expires_in": -120})).await),
+        ("not yet valid", oidc.mint(json!({"sub": "x", "roles": ["ehr-system"], "scope": "system/*.cruds", "nbf_offset": 600})).await),
+        ("another tenant", oidc.mint(json!({"sub": "x", "roles": ["ehr-system"], "scope": "system/*.cruds", "tenant": "elsewhere"})).await),
+    ];
+    for (case, token) in &refused {
+        assert_eq!(
+            status_with(&app, token, "GET", &path, None).await,
+            401,
+            "{case}"
+        );
+    }
+    // A kid the issuer never published: refused, and the JWKS refetch is rate-limited.
+    let parts: Vec<&str> = secret_token.split('.').collect();
+    let header = {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut header: Value = serde_json::from_slice(&engine.decode(parts[0]).unwrap()).unwrap();
+        header["kid"] = json!("no-such-key");
+        engine.encode(header.to_string())
+    };
+    let unknown_kid = format!("{header}.{}.{}", parts[1], parts[2]);
+    assert_eq!(
+        status_with(&app, &unknown_kid, "GET", &path, None).await,
+        401
+    );
+
+    // SMART configuration names the provider's real endpoints.
+    let smart = app
+        .anonymous
+        .get(app.url(".well-known/smart-configuration"))
+        .send()
+        .await
+        .unwrap();
+    let smart: Value = smart.json().await.unwrap();
+    assert_eq!(smart["issuer"], oidc.issuer());
+    assert!(smart["token_endpoint"]
+        .as_str()
+        .unwrap()
+        .starts_with(oidc.issuer()));
+    assert!(smart["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|capability| capability == "permission-v2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_tokens_sqlite() {
+    tokens_from_a_real_identity_provider(crate::helpers::Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_tokens_postgres() {
+    tokens_from_a_real_identity_provider(crate::helpers::Backend::Postgres).await;
+}
