@@ -63,6 +63,14 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
         "rest": [{
             "mode": "server",
             "documentation": "Conditional create, update and delete match on _id and identifier only.",
+            "security": {
+                "service": [{ "coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR"
+                }] }],
+                "description": "OAuth 2.0 bearer tokens (JWT) with SMART App Launch v2 scopes; \
+                    see /.well-known/smart-configuration"
+            },
             "resource": resources,
             "interaction": [{ "code": "history-system" }]
         }]
