@@ -353,6 +353,40 @@ fn references(element: &Value, target: &str) -> bool {
     }
 }
 
+/// Whether a FHIR Period (absent = open) includes the present moment. Bounds that cannot be read
+/// count as not including it (fail closed).
+fn period_includes_now(period: &Value) -> bool {
+    let now = chrono::Utc::now();
+    let bound = |name: &str| -> Option<Option<chrono::DateTime<chrono::Utc>>> {
+        match period.get(name).and_then(Value::as_str) {
+            None => Some(None),
+            Some(text) => parse_fhir_time(text).map(Some),
+        }
+    };
+    match (bound("start"), bound("end")) {
+        (Some(start), Some(end)) => {
+            start.is_none_or(|start| start <= now) && end.is_none_or(|end| now <= end)
+        }
+        _ => false,
+    }
+}
+
+/// A FHIR dateTime at the precision given (a date means its start; a year its first day).
+fn parse_fhir_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(time.with_timezone(&chrono::Utc));
+    }
+    let padded = match text.len() {
+        4 => format!("{text}-01-01"),
+        7 => format!("{text}-01"),
+        _ => text.to_string(),
+    };
+    chrono::NaiveDate::parse_from_str(&padded, "%Y-%m-%d")
+        .ok()?
+        .and_hms_opt(0, 0, 0)
+        .map(|time| time.and_utc())
+}
+
 /// Confidentiality R/V or a sensitive-category label in `meta.security`.
 fn is_restricted(resource: &Value) -> bool {
     const CONFIDENTIALITY: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
@@ -445,6 +479,17 @@ mod tests {
         assert!(!is_restricted(&normal));
         assert!(is_restricted(&hiv));
         assert!(!is_restricted(&json!({})));
+    }
+
+    #[test]
+    fn care_team_periods_bound_membership() {
+        assert!(period_includes_now(&json!(null)));
+        assert!(period_includes_now(&json!({"start": "2000-01-01"})));
+        assert!(!period_includes_now(&json!({"end": "2001"})));
+        assert!(!period_includes_now(
+            &json!({"start": "2999-01-01T00:00:00Z"})
+        ));
+        assert!(!period_includes_now(&json!({"start": "not a date"})));
     }
 
     #[test]
