@@ -327,6 +327,7 @@ impl Decider {
                             .is_some_and(|participants| {
                                 participants.iter().any(|participant| {
                                     references(&participant["member"], &reference)
+                                        && period_includes_now(&participant["period"])
                                 })
                             })
                 }
