@@ -710,6 +710,8 @@ fn print_table(reports: &[PhaseReport]) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     let base_url = args.base_url.trim_end_matches('/').to_owned();
     if let Err(error) = reqwest::Url::parse(&base_url) {
