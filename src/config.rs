@@ -51,6 +51,38 @@ pub struct Settings {
     pub keys: KeySettings,
     /// Authentication and authorization: `[auth]`, `CUSTODIAN_AUTH__<KEY>`.
     pub auth: AuthSettings,
+    /// The audit log: `[audit]`, `CUSTODIAN_AUDIT__<KEY>`.
+    pub audit: AuditSettings,
+}
+
+/// The audit log's files and checkpoint cadence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AuditSettings {
+    /// Directory of the audit catalog (default `./audit`).
+    pub catalog_dir: PathBuf,
+    /// The Ed25519 key that signs checkpoints (default `<data_dir>/audit-ed25519.key`, created
+    /// 0600). Every node writing to one database must use the same key.
+    pub signing_key_file: Option<PathBuf>,
+    /// The key of the keyed hash of query strings (default `<data_dir>/audit-query.key`); shared
+    /// by all nodes like the signing key.
+    pub query_key_file: Option<PathBuf>,
+    /// A checkpoint after this many new records …
+    pub checkpoint_every_records: i64,
+    /// … or after this many seconds with at least one new record.
+    pub checkpoint_every_secs: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            catalog_dir: PathBuf::from("audit"),
+            signing_key_file: None,
+            query_key_file: None,
+            checkpoint_every_records: 1000,
+            checkpoint_every_secs: 60,
+        }
+    }
 }
 
 /// Token issuers and the policy files.
@@ -176,6 +208,7 @@ impl Default for Settings {
             tenant: "default".into(),
             keys: KeySettings::default(),
             auth: AuthSettings::default(),
+            audit: AuditSettings::default(),
         }
     }
 }
@@ -231,6 +264,22 @@ impl Settings {
                 SecretString::from(format!("sqlite://{}?mode=rwc", file.display()))
             }
         }
+    }
+
+    /// The checkpoint signing key file.
+    pub fn audit_signing_key_file(&self) -> PathBuf {
+        self.audit
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-ed25519.key"))
+    }
+
+    /// The audit query-hash key file.
+    pub fn audit_query_key_file(&self) -> PathBuf {
+        self.audit
+            .query_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-query.key"))
     }
 
     /// Settings that only make sense in production: AWS KMS or a real token issuer.

@@ -15,6 +15,7 @@
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
 
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod config;

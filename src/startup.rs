@@ -6,6 +6,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::api::{router, App, AppState};
+use crate::audit::event::Catalog;
+use crate::audit::log::{AuditLog, CheckpointSigner};
 use crate::authz::decision::Decider;
 use crate::authz::dev::DevIssuer;
 use crate::authz::policy::PolicyEngine;
@@ -110,6 +112,20 @@ impl Application {
             vault.clone(),
             settings.tenant.clone(),
         );
+        let store_handle: Arc<dyn crate::store::Store> = store.clone();
+        let audit = AuditLog::start(store_handle.clone());
+        let audit_catalog = Catalog::load(&settings.audit.catalog_dir)?;
+        let signer = Arc::new(CheckpointSigner::load_or_create(
+            &settings.audit_signing_key_file(),
+        )?);
+        crate::audit::log::start_checkpointer(
+            store_handle,
+            signer,
+            settings.audit.checkpoint_every_records,
+            std::time::Duration::from_secs(settings.audit.checkpoint_every_secs.max(1)),
+        );
+        let audit_query_key =
+            crate::audit::log::load_or_create_secret(&settings.audit_query_key_file())?;
         let app = Arc::new(App {
             capability_statement: capability_statement(&base_url, "2026-11-22"),
             settings,
@@ -120,6 +136,9 @@ impl Application {
             vault,
             tokens,
             decider,
+            audit,
+            audit_catalog,
+            audit_query_key,
         });
         Ok(Application {
             listener,
@@ -142,9 +161,12 @@ impl Application {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let served = axum::serve(self.listener, router(self.app))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            self.listener,
+            router(self.app).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         self.store.close().await;
         tracing::info!("custodian stopped");
         served

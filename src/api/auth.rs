@@ -50,6 +50,8 @@ pub async fn authenticate(
     };
     match app.tokens.authenticate(token).await {
         Ok(principal) => {
+            let noted = principal.clone();
+            super::audit::note(|context| context.principal = Some(noted));
             request.extensions_mut().insert::<Arc<Principal>>(principal);
             next.run(request).await
         }

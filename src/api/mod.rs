@@ -2,6 +2,7 @@
 //! the pieces every interaction uses (request reading, content negotiation, response headers).
 //! One file per interaction.
 
+pub mod audit;
 mod auth;
 mod capabilities;
 mod conditional;
@@ -28,6 +29,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::audit::event::AuditRecord;
 use crate::authz::decision::{Interaction, Permit, ResourceFacts};
 use crate::authz::principal::Principal;
 use crate::config::Settings;
@@ -36,7 +38,8 @@ use crate::fhir::bundle::etag;
 use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::format::{response_format, Format};
 use crate::fhir::validate::Validator;
-use crate::store::{Store, VersionRecord};
+use crate::store::{AuditEntry, Store, VersionRecord};
+use audit::AuditContext;
 
 /// Everything a request handler needs, shared by all requests.
 pub struct App {
@@ -58,6 +61,12 @@ pub struct App {
     pub tokens: crate::authz::token::TokenValidator,
     /// The access decision.
     pub decider: crate::authz::decision::Decider,
+    /// The audit log's append side.
+    pub audit: crate::audit::log::AuditLog,
+    /// The audit catalog (interaction → AuditEvent codes).
+    pub audit_catalog: crate::audit::event::Catalog,
+    /// The key of the keyed hash of query strings in audit records.
+    pub audit_query_key: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// The axum state: one `App` behind an `Arc`.
@@ -93,6 +102,75 @@ impl App {
             .visible(permit, &facts)
             .await?
             .then_some(record))
+    }
+
+    /// The audit entry of the current request, from what its context gathered.
+    pub fn audit_entry(
+        &self,
+        context: &AuditContext,
+        interaction: &str,
+        status: u16,
+    ) -> AuditEntry {
+        let principal = context.principal.as_deref();
+        let record = AuditRecord {
+            sequence: 0,
+            recorded: chrono::Utc::now(),
+            interaction: interaction.to_string(),
+            resource_type: context.resource_type.clone(),
+            resource_id: context.resource_id.clone(),
+            version: context.version,
+            outcome: status,
+            agent_subject: principal.map(|principal| principal.subject.clone()),
+            agent_client_id: principal.and_then(|principal| principal.client_id.clone()),
+            agent_fhir_user: principal.and_then(|principal| {
+                principal
+                    .fhir_user
+                    .as_ref()
+                    .map(|user| format!("{}/{}", user.resource_type, user.id))
+            }),
+            agent_roles: principal
+                .map(|principal| principal.roles.clone())
+                .unwrap_or_default(),
+            purpose_of_use: principal.and_then(|principal| principal.purpose_of_use.clone()),
+            network_address: context.network_address.clone(),
+            patient_pseudonym: context.patient.clone(),
+            request_id: context.request_id.clone(),
+            query_hash: context
+                .query
+                .as_deref()
+                .map(|query| self.audit_query_hash(query)),
+            tenant: self.settings.tenant.clone(),
+        };
+        let mut value = serde_json::to_value(&record).unwrap_or_default();
+        // The position is the row's sequence number, assigned when the record is appended.
+        if let Some(object) = value.as_object_mut() {
+            object.remove("sequence");
+        }
+        AuditEntry {
+            tenant: record.tenant.clone(),
+            recorded_us: record.recorded.timestamp_micros(),
+            interaction: record.interaction.clone(),
+            resource_type: record.resource_type.clone(),
+            resource_id: record.resource_id.clone(),
+            outcome: i64::from(status),
+            agent: record.agent_subject.clone(),
+            patient: record.patient_pseudonym.clone(),
+            record: serde_json::to_vec(&value).unwrap_or_default(),
+        }
+    }
+
+    /// HMAC-SHA256 of a query string under the audit query key: equal queries can be matched
+    /// in the log, but the text (which may hold names or identifiers) is not recoverable.
+    pub fn audit_query_hash(&self, query: &str) -> String {
+        let key = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            self.audit_query_key.as_slice(),
+        );
+        let tag = aws_lc_rs::hmac::sign(&key, query.as_bytes());
+        tag.as_ref()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
     }
 
     /// Decides a request (403 when never allowed).
@@ -150,6 +228,10 @@ pub fn router(app: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            audit::record,
         ))
         .layer(axum::middleware::from_fn(move |request, next| {
             deadline(timeout, request, next)

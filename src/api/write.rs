@@ -119,8 +119,11 @@ pub async fn put_version(
             method,
             last_updated,
         };
-        let write = sealed_write(app, scope, target, compartment.clone(), &body).await?;
+        let status = if current.is_none() { 201 } else { 200 };
+        let mut write = sealed_write(app, scope, target, compartment.clone(), &body).await?;
+        write.audit = write_audit(app, &write, status);
         if let Some(mut record) = commit(app, scope, write, if_match).await? {
+            mark_audited(&record);
             // The response shows what was written, without decrypting it again.
             record.body = Some(body);
             return Ok(Written {
@@ -178,8 +181,14 @@ pub async fn delete_version(
             // A deletion stays in the compartment of what it deletes.
             compartment: current.compartment.clone(),
             key_id: None,
+            audit: None,
+        };
+        let write = VersionWrite {
+            audit: write_audit(app, &write, 204),
+            ..write
         };
         if let Some(record) = commit(app, scope, write, if_match).await? {
+            mark_audited(&record);
             return Ok(Some(record));
         }
     }
@@ -220,8 +229,10 @@ pub async fn create_new(
         method: WriteMethod::Post,
         last_updated,
     };
-    let write = sealed_write(app, scope, target, compartment, &body).await?;
+    let mut write = sealed_write(app, scope, target, compartment, &body).await?;
+    write.audit = write_audit(app, &write, 201);
     let mut record = app.store.write(scope, write).await?;
+    mark_audited(&record);
     record.body = Some(body);
     Ok(record)
 }
@@ -308,7 +319,31 @@ async fn sealed_write(
         body: Some(sealed.ciphertext),
         compartment,
         key_id: Some(sealed.key_id),
+        audit: None,
     })
+}
+
+/// The audit record of this write, committed in its transaction (outside a request — a CLI
+/// import — the caller audits on its own).
+fn write_audit(app: &App, write: &VersionWrite, status: u16) -> Option<crate::store::AuditEntry> {
+    let mut context = super::audit::current()?;
+    context.resource_type = Some(write.resource_type.clone());
+    context.resource_id = Some(write.id.clone());
+    context.version = Some(write.version);
+    context.patient = write.compartment.clone();
+    let interaction = context.interaction;
+    Some(app.audit_entry(&context, interaction, status))
+}
+
+/// Tells the audit middleware that this request's record is already committed.
+fn mark_audited(record: &VersionRecord) {
+    super::audit::note(|context| {
+        context.appended = true;
+        context.resource_type = Some(record.resource_type.clone());
+        context.resource_id = Some(record.id.clone());
+        context.version = Some(record.version);
+        context.patient = record.compartment.clone();
+    });
 }
 
 /// Commits one attempt. `Ok(None)` means another writer won the race and the caller should

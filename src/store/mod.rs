@@ -115,6 +115,8 @@ pub struct VersionWrite {
     pub compartment: Option<String>,
     /// The data key that sealed `body`; `None` only for a deletion (no body).
     pub key_id: Option<String>,
+    /// The request's audit record, appended in the same transaction as the data.
+    pub audit: Option<AuditEntry>,
 }
 
 /// A data key as stored: wrapped by a KEK, never in clear.
@@ -143,6 +145,58 @@ pub struct VersionRecord {
     /// The patient compartment pseudonym (not the patient's id).
     pub compartment: Option<String>,
     pub key_id: Option<String>,
+}
+
+/// One audit record to append. `record` is the canonical JSON of the audit record (no PHI);
+/// the other fields are copies of some of its values, kept as columns for the compliance
+/// queries.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub tenant: String,
+    pub recorded_us: i64,
+    pub interaction: String,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub outcome: i64,
+    /// The agent's token subject.
+    pub agent: Option<String>,
+    /// The patient compartment pseudonym.
+    pub patient: Option<String>,
+    pub record: Vec<u8>,
+}
+
+/// A stored audit record.
+#[derive(Debug, Clone)]
+pub struct StoredAudit {
+    pub sequence: i64,
+    pub record: Vec<u8>,
+    pub leaf_hash: Vec<u8>,
+}
+
+/// A signed checkpoint of the audit Merkle tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub tree_size: i64,
+    pub root_hash: Vec<u8>,
+    pub signed_us: i64,
+    pub key_id: String,
+    pub signature: Vec<u8>,
+}
+
+/// Filters of the compliance queries over the audit log (all optional, ANDed).
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub patient: Option<String>,
+    pub agent: Option<String>,
+    pub interaction: Option<String>,
+    /// HTTP status range `[outcome_from, outcome_to)`.
+    pub outcome_from: Option<i64>,
+    pub outcome_to: Option<i64>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub from_us: Option<i64>,
+    pub to_us: Option<i64>,
+    pub limit: usize,
 }
 
 /// Which versions a history request covers.
@@ -212,6 +266,60 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
     async fn history(&self, scope: &Scope, query: &HistoryQuery)
         -> StoreResult<Vec<VersionRecord>>;
+
+    /// Appends audit records in one transaction, giving each the next sequence number; returns
+    /// them. The counter row serializes appends across processes, so sequence numbers are dense
+    /// and in commit order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; then nothing was appended.
+    async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>>;
+
+    /// How many audit records exist.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn audit_size(&self) -> StoreResult<i64>;
+
+    /// Leaf hashes of records `from..from + limit` in sequence order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn audit_leaves(&self, from: i64, limit: i64) -> StoreResult<Vec<[u8; 32]>>;
+
+    /// Records from sequence `from` on, in sequence order, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn audit_records(&self, from: i64, limit: i64) -> StoreResult<Vec<StoredAudit>>;
+
+    /// Records matching a compliance query, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn search_audit(
+        &self,
+        scope: &Scope,
+        query: &AuditQuery,
+    ) -> StoreResult<Vec<StoredAudit>>;
+
+    /// Stores a checkpoint unless one of that size exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<()>;
+
+    /// The newest checkpoint.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn latest_checkpoint(&self) -> StoreResult<Option<Checkpoint>>;
+
+    /// Checkpoints signed at or after `since_us`, by tree size.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn checkpoints_since(&self, since_us: i64) -> StoreResult<Vec<Checkpoint>>;
 
     /// The current, not deleted versions of every resource in a patient compartment.
     ///

@@ -16,8 +16,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    Expected, HistoryQuery, Scope, Store, StoreError, StoreResult, StoredDataKey, VersionRecord,
-    VersionWrite, WriteMethod,
+    AuditEntry, AuditQuery, Checkpoint, Expected, HistoryQuery, Scope, Store, StoreError,
+    StoreResult, StoredAudit, StoredDataKey, VersionRecord, VersionWrite, WriteMethod,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -311,6 +311,10 @@ impl Store for SqlStore {
         let sequence: i64 = inserted
             .try_get("sequence")
             .map_err(|error| StoreError::Internal(error.to_string()))?;
+        if let Some(audit) = &write.audit {
+            // The audit record commits with the data, or neither does.
+            append_audit_in(&mut transaction, std::slice::from_ref(audit)).await?;
+        }
         transaction.commit().await.map_err(classify)?;
 
         Ok(VersionRecord {
@@ -389,6 +393,154 @@ impl Store for SqlStore {
             .await
             .map_err(classify)?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut transaction = self.begin().await?;
+        let sequences = append_audit_in(&mut transaction, entries).await?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(sequences)
+    }
+
+    async fn audit_size(&self) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT next_sequence FROM audit_counter WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.try_get("next_sequence")
+            .map_err(|error| StoreError::Internal(error.to_string()))
+    }
+
+    async fn audit_leaves(&self, from: i64, limit: i64) -> StoreResult<Vec<[u8; 32]>> {
+        let rows = sqlx::query(
+            "SELECT leaf_hash FROM audit_log WHERE sequence >= $1 ORDER BY sequence LIMIT $2",
+        )
+        .bind(from)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let bytes: Vec<u8> = row
+                    .try_get("leaf_hash")
+                    .map_err(|error| StoreError::Internal(error.to_string()))?;
+                <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| StoreError::Internal("a leaf hash is not 32 bytes".into()))
+            })
+            .collect()
+    }
+
+    async fn audit_records(&self, from: i64, limit: i64) -> StoreResult<Vec<StoredAudit>> {
+        let rows = sqlx::query(
+            "SELECT sequence, record, leaf_hash FROM audit_log WHERE sequence >= $1 \
+             ORDER BY sequence LIMIT $2",
+        )
+        .bind(from)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(decode_audit).collect()
+    }
+
+    async fn search_audit(
+        &self,
+        scope: &Scope,
+        query: &AuditQuery,
+    ) -> StoreResult<Vec<StoredAudit>> {
+        let mut conditions = vec!["tenant = $1".to_string()];
+        let mut next = 2;
+        let mut add = |condition: &str| {
+            conditions.push(condition.replace('?', &format!("${next}")));
+            next += 1;
+        };
+        let texts = [
+            ("patient = ?", &query.patient),
+            ("agent = ?", &query.agent),
+            ("interaction = ?", &query.interaction),
+            ("resource_type = ?", &query.resource_type),
+            ("resource_id = ?", &query.resource_id),
+        ];
+        for (condition, value) in &texts {
+            if value.is_some() {
+                add(condition);
+            }
+        }
+        let numbers = [
+            ("outcome >= ?", query.outcome_from),
+            ("outcome < ?", query.outcome_to),
+            ("recorded_us >= ?", query.from_us),
+            ("recorded_us < ?", query.to_us),
+        ];
+        for (condition, value) in &numbers {
+            if value.is_some() {
+                add(condition);
+            }
+        }
+        let statement = format!(
+            "SELECT sequence, record, leaf_hash FROM audit_log WHERE {} ORDER BY sequence DESC LIMIT ${next}",
+            conditions.join(" AND ")
+        );
+        let mut sql = sqlx::query(&statement).bind(scope.tenant());
+        for (_, value) in &texts {
+            if let Some(value) = value {
+                sql = sql.bind(value.as_str());
+            }
+        }
+        for (_, value) in &numbers {
+            if let Some(value) = value {
+                sql = sql.bind(*value);
+            }
+        }
+        let rows = sql
+            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(decode_audit).collect()
+    }
+
+    async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (tree_size, root_hash, signed_us, key_id, signature) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(checkpoint.tree_size)
+        .bind(checkpoint.root_hash.as_slice())
+        .bind(checkpoint.signed_us)
+        .bind(&checkpoint.key_id)
+        .bind(checkpoint.signature.as_slice())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn latest_checkpoint(&self) -> StoreResult<Option<Checkpoint>> {
+        let row = sqlx::query(
+            "SELECT tree_size, root_hash, signed_us, key_id, signature FROM audit_checkpoints \
+             ORDER BY tree_size DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.as_ref().map(decode_checkpoint).transpose()
+    }
+
+    async fn checkpoints_since(&self, since_us: i64) -> StoreResult<Vec<Checkpoint>> {
+        let rows = sqlx::query(
+            "SELECT tree_size, root_hash, signed_us, key_id, signature FROM audit_checkpoints \
+             WHERE signed_us >= $1 ORDER BY tree_size",
+        )
+        .bind(since_us)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(decode_checkpoint).collect()
     }
 
     async fn current_in_compartment(
@@ -558,4 +710,71 @@ impl Store for SqlStore {
             .map_err(classify)?;
         rows.iter().map(decode).collect()
     }
+}
+
+/// Appends audit records inside an open transaction (a write's own, or a group commit's).
+async fn append_audit_in(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    entries: &[AuditEntry],
+) -> StoreResult<Vec<i64>> {
+    let count = i64::try_from(entries.len()).unwrap_or(i64::MAX);
+    // The row lock on the counter orders appends across processes until this commit.
+    let row = sqlx::query(
+        "UPDATE audit_counter SET next_sequence = next_sequence + $1 WHERE id = 1 RETURNING next_sequence",
+    )
+    .bind(count)
+    .fetch_one(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    let end: i64 = row
+        .try_get("next_sequence")
+        .map_err(|error| StoreError::Internal(error.to_string()))?;
+    let first = end - count;
+    let mut sequences = Vec::with_capacity(entries.len());
+    for (offset, entry) in entries.iter().enumerate() {
+        let sequence = first + offset as i64;
+        let leaf = crate::audit::log::record_leaf(sequence, &entry.record);
+        sqlx::query(
+            "INSERT INTO audit_log (sequence, tenant, recorded_us, interaction, resource_type, \
+               resource_id, outcome, agent, patient, record, leaf_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(sequence)
+        .bind(&entry.tenant)
+        .bind(entry.recorded_us)
+        .bind(&entry.interaction)
+        .bind(entry.resource_type.as_deref())
+        .bind(entry.resource_id.as_deref())
+        .bind(entry.outcome)
+        .bind(entry.agent.as_deref())
+        .bind(entry.patient.as_deref())
+        .bind(entry.record.as_slice())
+        .bind(leaf.as_slice())
+        .execute(&mut **transaction)
+        .await
+        .map_err(classify)?;
+        sequences.push(sequence);
+    }
+    Ok(sequences)
+}
+
+fn decode_audit(row: &AnyRow) -> StoreResult<StoredAudit> {
+    let get_error = |error: sqlx::Error| StoreError::Internal(format!("bad audit row: {error}"));
+    Ok(StoredAudit {
+        sequence: row.try_get("sequence").map_err(get_error)?,
+        record: row.try_get("record").map_err(get_error)?,
+        leaf_hash: row.try_get("leaf_hash").map_err(get_error)?,
+    })
+}
+
+fn decode_checkpoint(row: &AnyRow) -> StoreResult<Checkpoint> {
+    let get_error =
+        |error: sqlx::Error| StoreError::Internal(format!("bad checkpoint row: {error}"));
+    Ok(Checkpoint {
+        tree_size: row.try_get("tree_size").map_err(get_error)?,
+        root_hash: row.try_get("root_hash").map_err(get_error)?,
+        signed_us: row.try_get("signed_us").map_err(get_error)?,
+        key_id: row.try_get("key_id").map_err(get_error)?,
+        signature: row.try_get("signature").map_err(get_error)?,
+    })
 }

@@ -181,6 +181,7 @@ fn custodian(app: &TestApp, arguments: &[&str]) -> String {
         .env("CUSTODIAN_DATA_DIR", app.data_dir())
         .env("CUSTODIAN_DATABASE_URL", &app.database_url)
         .env("CUSTODIAN_PROFILES_DIR", repo_dir().join("fhir-profiles"))
+        .env("CUSTODIAN_AUDIT__CATALOG_DIR", repo_dir().join("audit"))
         .env("CUSTODIAN_LOG", "warn")
         .output()
         .expect("run custodian");

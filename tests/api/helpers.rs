@@ -94,6 +94,7 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
     // The suite signs its tokens with the development issuer, on SQLite and PostgreSQL alike.
     settings.auth.dev_issuer = custodian::config::DevIssuerMode::On;
     settings.auth.policies_dir = repo_dir().join("policies");
+    settings.audit.catalog_dir = repo_dir().join("audit");
     settings
 }
 

@@ -33,6 +33,7 @@ async fn logs_hold_no_phi_and_no_secrets() {
         .env("CUSTODIAN_DATA_DIR", &data_dir)
         .env("CUSTODIAN_PROFILES_DIR", repo_dir().join("fhir-profiles"))
         .env("CUSTODIAN_AUTH__POLICIES_DIR", repo_dir().join("policies"))
+        .env("CUSTODIAN_AUDIT__CATALOG_DIR", repo_dir().join("audit"))
         .env("CUSTODIAN_AUTH__DEV_ISSUER", "on")
         .env("CUSTODIAN_LOG", "trace")
         .stdout(Stdio::piped())
