@@ -30,6 +30,9 @@ pub enum Command {
     /// Data keys: status, rotation of the key-encryption key, retirement of an old local KEK.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The audit log: verify it, export checkpoints, prove inclusion and consistency.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Print a development access token (dev mode only), signed by the key in the data
     /// directory. The token is the last line of standard output.
     Token(TokenArgs),
@@ -59,6 +62,40 @@ pub struct TokenArgs {
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     pub lifetime_secs: i64,
+}
+
+/// `custodian audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the whole log: dense sequence, every leaf, every checkpoint root and signature.
+    /// Names the first bad record and exits non-zero if anything is wrong.
+    Verify {
+        /// Further trusted checkpoint public keys (base64, raw Ed25519), e.g. of other nodes.
+        #[arg(long)]
+        trusted_key: Vec<String>,
+    },
+    /// Print signed checkpoints (JSON lines) to anchor outside the database.
+    Checkpoints {
+        /// Only checkpoints signed at or after this instant or date.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Inclusion proof of one record.
+    Prove {
+        /// The record's sequence number.
+        #[arg(long)]
+        sequence: i64,
+        /// The tree size to prove against (default: the whole log).
+        #[arg(long)]
+        size: Option<i64>,
+    },
+    /// Consistency proof between two tree sizes.
+    Consistency {
+        #[arg(long)]
+        from: i64,
+        #[arg(long)]
+        to: i64,
+    },
 }
 
 /// `custodian keys …`
@@ -95,6 +132,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Keys(command) => keys(settings, command).await,
         Command::Token(arguments) => token(&settings, arguments),
+        Command::Audit(command) => audit(settings, command).await,
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
             let store = SqlStore::connect(&settings.database_url(), 1)
@@ -231,4 +269,102 @@ fn token(settings: &Settings, arguments: TokenArgs) -> Result<(), String> {
     );
     println!("{token}");
     Ok(())
+}
+
+async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> {
+    use crate::audit::log::CheckpointSigner;
+    use crate::store::Store;
+    use base64::Engine;
+
+    let store = SqlStore::connect(&settings.database_url(), 2)
+        .await
+        .map_err(|error| format!("cannot open the database: {error}"))?;
+    store.migrate().await.map_err(|error| error.to_string())?;
+    let signer = CheckpointSigner::load_or_create(&settings.audit_signing_key_file())?;
+    let hex = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<String>()
+    };
+    match command {
+        AuditCommand::Verify { trusted_key } => {
+            let mut keys = vec![signer.public_key()];
+            for key in trusted_key {
+                keys.push(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(key.trim())
+                        .map_err(|_| "a --trusted-key must be base64".to_string())?,
+                );
+            }
+            let outcome = crate::audit::verify::verify(&store, &keys)
+                .await
+                .map_err(|error| error.to_string())?;
+            store.close().await;
+            match outcome.first_problem {
+                None => {
+                    println!(
+                        "audit log verified: {} records, {} signed checkpoints",
+                        outcome.records, outcome.checkpoints
+                    );
+                    Ok(())
+                }
+                Some(problem) => Err(format!("AUDIT LOG VERIFICATION FAILED: {problem}")),
+            }
+        }
+        AuditCommand::Checkpoints { since } => {
+            let since_us = since
+                .as_deref()
+                .map(|text| {
+                    crate::api::parse_instant(text)
+                        .ok_or_else(|| format!("--since {text:?} is not an instant or date"))
+                })
+                .transpose()?
+                .map(|time| time.timestamp_micros())
+                .unwrap_or(0);
+            let public_key = base64::engine::general_purpose::STANDARD.encode(signer.public_key());
+            for checkpoint in store
+                .checkpoints_since(since_us)
+                .await
+                .map_err(|error| error.to_string())?
+            {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "tree_size": checkpoint.tree_size,
+                        "root_hash": hex(&checkpoint.root_hash),
+                        "signed_at": chrono::DateTime::from_timestamp_micros(checkpoint.signed_us).map(|time| time.to_rfc3339()),
+                        "signed_us": checkpoint.signed_us,
+                        "key_id": checkpoint.key_id,
+                        "signature": base64::engine::general_purpose::STANDARD.encode(&checkpoint.signature),
+                        "public_key": public_key,
+                    })
+                );
+            }
+            store.close().await;
+            Ok(())
+        }
+        AuditCommand::Prove { sequence, size } => {
+            let proof = crate::audit::log::inclusion(&store, sequence, size)
+                .await
+                .map_err(|error| error.to_string())?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&proof).unwrap_or_default()
+            );
+            store.close().await;
+            Ok(())
+        }
+        AuditCommand::Consistency { from, to } => {
+            let proof = crate::audit::log::consistency(&store, from, to)
+                .await
+                .map_err(|error| error.to_string())?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&proof).unwrap_or_default()
+            );
+            store.close().await;
+            Ok(())
+        }
+    }
 }

@@ -230,7 +230,7 @@ fn invalid(message: &str, location: &str) -> ApiError {
 }
 
 /// A FHIR instant (`2024-01-02T03:04:05Z`) or a date (`2024-01-02`, taken as its start in UTC).
-fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
+pub fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
         return Some(time.with_timezone(&Utc));
     }

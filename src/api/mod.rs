@@ -10,6 +10,8 @@ mod create;
 mod delete;
 mod health;
 mod history;
+
+pub use history::parse_instant;
 mod read;
 mod update;
 mod vread;
@@ -97,11 +99,23 @@ impl App {
             compartment: record.compartment.as_deref(),
             resource: resource.as_ref(),
         };
-        Ok(self
-            .decider
-            .visible(permit, &facts)
-            .await?
-            .then_some(record))
+        let visible = self.decider.visible(permit, &facts).await?;
+        if visible {
+            // The audit record names the (first) resource served and its compartment.
+            audit::note(|context| {
+                if context.resource_id.is_none() {
+                    context.resource_type = Some(record.resource_type.clone());
+                    context.resource_id = Some(record.id.clone());
+                }
+                if context.version.is_none() {
+                    context.version = Some(record.version);
+                }
+                if context.patient.is_none() {
+                    context.patient = record.compartment.clone();
+                }
+            });
+        }
+        Ok(visible.then_some(record))
     }
 
     /// The audit entry of the current request, from what its context gathered.
@@ -159,6 +173,18 @@ impl App {
         }
     }
 
+    /// The FHIR AuditEvent of a stored record.
+    pub fn audit_event_of(&self, stored: &crate::store::StoredAudit) -> Option<serde_json::Value> {
+        let mut record: serde_json::Value = serde_json::from_slice(&stored.record).ok()?;
+        record["sequence"] = serde_json::json!(stored.sequence);
+        let record: AuditRecord = serde_json::from_value(record).ok()?;
+        Some(crate::audit::event::audit_event(
+            &record,
+            &self.audit_catalog,
+            &self.base_url,
+        ))
+    }
+
     /// HMAC-SHA256 of a query string under the audit query key: equal queries can be matched
     /// in the log, but the text (which may hold names or identifiers) is not recoverable.
     pub fn audit_query_hash(&self, query: &str) -> String {
@@ -204,6 +230,11 @@ pub fn router(app: AppState) -> Router {
         .route("/health", get(health::live))
         .route("/ready", get(health::ready))
         .route("/_history", get(history::history_system))
+        .route("/AuditEvent", get(audit::search_events))
+        .route("/AuditEvent/{id}", get(audit::read_event))
+        .route("/_audit/disclosures", get(audit::disclosures))
+        .route("/_audit/proof", get(audit::proof))
+        .route("/_audit/consistency", get(audit::consistency))
         .route(
             "/{resource_type}",
             axum::routing::post(create::create)

@@ -80,6 +80,18 @@ pub async fn verify(
             }
         }
     }
+    // The counter says how many records were ever appended: fewer rows means a removed tail.
+    let appended = store.audit_size().await?;
+    if expected_sequence < appended {
+        return fail(
+            expected_sequence,
+            checked_checkpoints,
+            format!(
+                "records {expected_sequence} to {} are missing: the tail of the log was removed",
+                appended - 1
+            ),
+        );
+    }
     if let Some(checkpoint) = pending.next() {
         return fail(
             expected_sequence,

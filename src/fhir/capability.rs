@@ -32,7 +32,7 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
         "history-type",
         "create",
     ];
-    let resources: Vec<Value> = served_resource_types()
+    let mut resources: Vec<Value> = served_resource_types()
         .map(|name| {
             json!({
                 "type": name,
@@ -47,6 +47,19 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
             })
         })
         .collect();
+    // AuditEvents are written only by the server's audit log; compliance roles read and search.
+    resources.push(json!({
+        "type": "AuditEvent",
+        "interaction": [{ "code": "read" }, { "code": "search-type" }],
+        "searchParam": [
+            { "name": "patient", "type": "reference" },
+            { "name": "agent", "type": "token", "documentation": "the agent's token subject" },
+            { "name": "date", "type": "date" },
+            { "name": "subtype", "type": "token" },
+            { "name": "outcome", "type": "token" },
+            { "name": "entity", "type": "reference" }
+        ]
+    }));
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",

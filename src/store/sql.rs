@@ -312,8 +312,13 @@ impl Store for SqlStore {
             .try_get("sequence")
             .map_err(|error| StoreError::Internal(error.to_string()))?;
         if let Some(audit) = &write.audit {
-            // The audit record commits with the data, or neither does.
-            append_audit_in(&mut transaction, std::slice::from_ref(audit)).await?;
+            // The audit record commits with the data, or neither does; a write that cannot be
+            // audited is answered like an unavailable database (503), never written.
+            append_audit_in(&mut transaction, std::slice::from_ref(audit))
+                .await
+                .map_err(|error| {
+                    StoreError::Unavailable(format!("audit append failed: {error}"))
+                })?;
         }
         transaction.commit().await.map_err(classify)?;
 

@@ -332,6 +332,47 @@ impl TestApp {
             .expect("statement");
     }
 
+    /// Runs several SQL statements on one connection (e.g. a session setting, then a change).
+    pub async fn execute_script(&self, sql: &str) {
+        sqlx::any::install_default_drivers();
+        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database");
+        sqlx::raw_sql(sql)
+            .execute(&mut connection)
+            .await
+            .expect("script");
+    }
+
+    /// Runs one SQL statement and returns its error, if any.
+    pub async fn try_execute(&self, sql: &str) -> Result<(), String> {
+        sqlx::any::install_default_drivers();
+        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database");
+        sqlx::raw_sql(sql)
+            .execute(&mut connection)
+            .await
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+
+    /// A second server on the same database and data directory (another node).
+    pub async fn second_node(&self) -> TestApp {
+        let mut settings = test_settings(&self.data_dir);
+        settings.database_url = Some(SecretString::from(self.database_url.clone()));
+        let mut node = start(
+            settings,
+            self.backend,
+            self.data_dir.clone(),
+            self.database_url.clone(),
+        )
+        .await;
+        // The first node owns the directory.
+        node.data_dir = PathBuf::new();
+        node
+    }
+
     /// Runs one SQL query returning text values of the first column.
     pub async fn strings(&self, sql: &str) -> Vec<Option<String>> {
         use sqlx::Row;

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod audit;
 mod authz;
 mod bad_input;
 mod conditional;

@@ -27,9 +27,18 @@ async fn capability_statement_matches_behaviour(app: TestApp) {
     );
     // Search is not claimed, and not served.
     assert_eq!(app.get("Patient").await.status(), 405);
-    assert!(!resources
+    // AuditEvent: read and search by compliance roles, never written through the API.
+    let audit_event = resources
         .iter()
-        .any(|resource| resource["type"] == "AuditEvent"));
+        .find(|resource| resource["type"] == "AuditEvent")
+        .unwrap();
+    let audit_interactions: Vec<&str> = audit_event["interaction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|interaction| interaction["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(audit_interactions, ["read", "search-type"]);
 
     // Every claimed type accepts create and read (a minimal resource of a few types).
     for resource_type in ["Organization", "Practitioner", "Location", "Basic"] {

@@ -1,0 +1,482 @@
+//! The audit log through the real server and the real `custodian audit` command: one record per
+//! request with the right agent and outcome, append-only tables, tampering found and named,
+//! fail-closed appends, several nodes on one database, proofs, and the compliance endpoints.
+
+use std::process::Command;
+
+use custodian::audit::merkle;
+use custodian::authz::dev::DevTokenRequest;
+use serde_json::{json, Value};
+
+use crate::both_backends;
+use crate::helpers::{repo_dir, spawn_app_with, Backend, TestApp, FHIR_JSON};
+
+fn compliance_officer() -> DevTokenRequest {
+    DevTokenRequest {
+        subject: "auditor-1".into(),
+        roles: vec!["compliance-officer".into()],
+        scope: "user/AuditEvent.rs user/Consent.rs".into(),
+        lifetime_secs: 600,
+        ..DevTokenRequest::default()
+    }
+}
+
+/// The newest audit row as `interaction:outcome:agent:resource_type`.
+async fn last_record(app: &TestApp) -> String {
+    app.strings(
+        "SELECT interaction || ':' || CAST(outcome AS TEXT) || ':' || COALESCE(agent, '-') || ':' || COALESCE(resource_type, '-') \
+         FROM audit_log ORDER BY sequence DESC LIMIT 1",
+    )
+    .await
+    .remove(0)
+    .unwrap()
+}
+
+async fn records(app: &TestApp) -> i64 {
+    app.count("SELECT COUNT(*) FROM audit_log").await
+}
+
+/// Asserts that exactly one record was added since `before`, and what it says.
+async fn one_more(app: &TestApp, before: &mut i64, label: &str, want: &str) {
+    *before += 1;
+    assert_eq!(records(app).await, *before, "{label}: exactly one record");
+    assert_eq!(last_record(app).await, want, "{label}");
+}
+
+async fn every_request_leaves_exactly_one_record(app: TestApp) {
+    let mut count = records(&app).await;
+    let id = app
+        .create_id(&json!({"resourceType": "Patient", "active": true}))
+        .await;
+    one_more(&app, &mut count, "create", "create:201:test-ehr:Patient").await;
+    let mut body = app.get_json(&format!("Patient/{id}"), 200).await;
+    one_more(&app, &mut count, "read", "read:200:test-ehr:Patient").await;
+    app.get_json("Patient/nobody", 404).await;
+    one_more(&app, &mut count, "missing", "read:404:test-ehr:Patient").await;
+    body["active"] = json!(false);
+    assert_eq!(app.put(&format!("Patient/{id}"), &body).await.status(), 200);
+    one_more(&app, &mut count, "update", "update:200:test-ehr:Patient").await;
+    app.get_json(&format!("Patient/{id}/_history/1"), 200).await;
+    one_more(&app, &mut count, "vread", "vread:200:test-ehr:Patient").await;
+    app.get_json(&format!("Patient/{id}/_history"), 200).await;
+    one_more(
+        &app,
+        &mut count,
+        "history",
+        "history-instance:200:test-ehr:Patient",
+    )
+    .await;
+    assert_eq!(app.delete(&format!("Patient/{id}")).await.status(), 204);
+    one_more(&app, &mut count, "delete", "delete:204:test-ehr:Patient").await;
+    // Refused requests are recorded too: no token, and a forbidden interaction.
+    assert_eq!(
+        app.anonymous
+            .get(app.url("Patient/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    one_more(&app, &mut count, "unauthenticated", "login:401:-:Patient").await;
+    let read_only = app.token(DevTokenRequest {
+        subject: "reader".into(),
+        roles: vec!["ehr-system".into()],
+        scope: "system/*.rs".into(),
+        lifetime_secs: 600,
+        ..DevTokenRequest::default()
+    });
+    let denied = app
+        .anonymous
+        .post(app.url("Patient"))
+        .bearer_auth(&read_only)
+        .header("content-type", FHIR_JSON)
+        .body(json!({"resourceType": "Patient"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    one_more(&app, &mut count, "forbidden", "create:403:reader:Patient").await;
+    // Writes commit their record with the data: the row's patient pseudonym is the resource's.
+    let pseudonyms = app
+        .strings(&format!(
+            "SELECT DISTINCT patient FROM audit_log WHERE resource_id = '{id}' AND patient IS NOT NULL"
+        ))
+        .await;
+    let compartment = app
+        .strings(&format!(
+            "SELECT DISTINCT compartment FROM resource_versions WHERE resource_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(pseudonyms, compartment);
+}
+both_backends!(
+    one_record_per_request,
+    super::every_request_leaves_exactly_one_record
+);
+
+async fn the_log_is_append_only(app: TestApp) {
+    app.create_id(&json!({"resourceType": "Organization", "name": "x"}))
+        .await;
+    for statement in [
+        "UPDATE audit_log SET outcome = 999",
+        "DELETE FROM audit_log",
+        "UPDATE audit_counter SET next_sequence = 0 WHERE id = 2",
+    ] {
+        let result = app.try_execute(statement).await;
+        if statement.contains("audit_counter") {
+            continue; // the counter must move; it is not part of the log
+        }
+        assert!(result.is_err(), "{statement} must be refused");
+    }
+    if app.backend == Backend::Postgres {
+        assert!(app.try_execute("TRUNCATE audit_log").await.is_err());
+        // The application role has no UPDATE/DELETE on the audit tables.
+        let grants = app
+            .count(
+                "SELECT COUNT(*) FROM information_schema.role_table_grants WHERE grantee = 'custodian_app' \
+                 AND table_name IN ('audit_log', 'audit_checkpoints') AND privilege_type IN ('UPDATE', 'DELETE', 'TRUNCATE')",
+            )
+            .await;
+        assert_eq!(grants, 0);
+    }
+    assert!(records(&app).await >= 1);
+}
+both_backends!(append_only, super::the_log_is_append_only);
+
+fn audit_cli(app: &TestApp, arguments: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_custodian"))
+        .arg("audit")
+        .args(arguments)
+        .env("CUSTODIAN_DATA_DIR", app.data_dir())
+        .env("CUSTODIAN_DATABASE_URL", &app.database_url)
+        .env("CUSTODIAN_LOG", "warn")
+        .output()
+        .expect("run custodian audit");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// A server that checkpoints every 4 records, with some traffic and at least two checkpoints.
+async fn audited_app(backend: Backend) -> Option<TestApp> {
+    let app = spawn_app_with(backend, |settings| {
+        settings.audit.checkpoint_every_records = 4;
+        settings.audit.checkpoint_every_secs = 1;
+    })
+    .await?;
+    // Two rounds of five, each followed by its checkpoint.
+    for round in 1..=2 {
+        for index in 0..5 {
+            app.create_id(
+                &json!({"resourceType": "Organization", "name": format!("Org {round}-{index}")}),
+            )
+            .await;
+        }
+        for _ in 0..50 {
+            if app.count("SELECT COUNT(*) FROM audit_checkpoints").await >= round {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(app.count("SELECT COUNT(*) FROM audit_checkpoints").await >= round);
+    }
+    let (ok, text) = audit_cli(&app, &["verify"]);
+    assert!(ok, "an untouched log verifies: {text}");
+    Some(app)
+}
+
+/// SQL that bypasses the append-only triggers, as a database superuser could.
+fn bypassing_triggers(backend: Backend, statements: &str) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete; \
+             DROP TRIGGER audit_checkpoints_no_update; {statements}"
+        ),
+        Backend::Postgres => format!("SET session_replication_role = replica; {statements}"),
+    }
+}
+
+fn replace_in_record(backend: Backend, sequence: i64, from: &str, to: &str) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "UPDATE audit_log SET record = CAST(replace(CAST(record AS TEXT), '{from}', '{to}') AS BLOB) WHERE sequence = {sequence};"
+        ),
+        Backend::Postgres => format!(
+            "UPDATE audit_log SET record = convert_to(replace(convert_from(record, 'UTF8'), '{from}', '{to}'), 'UTF8') WHERE sequence = {sequence};"
+        ),
+    }
+}
+
+async fn tampering_is_found_and_named(backend: Backend) {
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("a changed field", replace_in_record(backend, 3, "\"outcome\":201", "\"outcome\":200"), "record 3 was altered"),
+        ("a deleted record", "DELETE FROM audit_log WHERE sequence = 2;".into(), "record 2 is missing"),
+        (
+            "two swapped records",
+            "UPDATE audit_log SET sequence = -1 WHERE sequence = 1; UPDATE audit_log SET sequence = 1 WHERE sequence = 2; \
+             UPDATE audit_log SET sequence = 2 WHERE sequence = -1;"
+                .into(),
+            "record 1 was altered",
+        ),
+        ("a removed tail", "DELETE FROM audit_log WHERE sequence >= 6;".into(), "missing"),
+        (
+            "a forged checkpoint signature",
+            "UPDATE audit_checkpoints SET signature = leaf_hash_placeholder;".into(),
+            "invalid signature",
+        ),
+    ];
+    for (case, tamper, named) in cases {
+        let Some(app) = audited_app(backend).await else {
+            return;
+        };
+        let tamper = tamper.replace(
+            "leaf_hash_placeholder",
+            "(SELECT record FROM audit_log WHERE sequence = 0)",
+        );
+        app.execute_script(&bypassing_triggers(backend, &tamper))
+            .await;
+        let (ok, text) = audit_cli(&app, &["verify"]);
+        assert!(!ok, "{case}: verify must fail");
+        assert!(text.contains(named), "{case}: expected {named:?} in {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_sqlite() {
+    tampering_is_found_and_named(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_postgres() {
+    tampering_is_found_and_named(Backend::Postgres).await;
+}
+
+async fn a_failing_audit_fails_the_request(app: TestApp) {
+    let id = app
+        .create_id(&json!({"resourceType": "Patient", "name": [{"family": "Hidden"}]}))
+        .await;
+    let versions = app.count("SELECT COUNT(*) FROM resource_versions").await;
+    let sabotage = match app.backend {
+        Backend::Sqlite => "CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
+        Backend::Postgres => "CREATE FUNCTION audit_sabotage() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no audit'; END; $$; \
+             CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION audit_sabotage();",
+    };
+    app.execute_script(sabotage).await;
+    let read = app.get(&format!("Patient/{id}")).await;
+    assert_eq!(read.status(), 503);
+    assert!(
+        !read.text().await.unwrap().contains("Hidden"),
+        "no data without its audit record"
+    );
+    let write = app
+        .create(&json!({"resourceType": "Patient", "active": true}))
+        .await;
+    assert_eq!(write.status(), 503);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM resource_versions").await,
+        versions,
+        "a write whose audit record fails is not written"
+    );
+}
+both_backends!(fail_closed, super::a_failing_audit_fails_the_request);
+
+async fn two_nodes_one_log(backend: Backend) {
+    let Some(first) = spawn_app_with(backend, |settings| {
+        settings.audit.checkpoint_every_records = 10;
+    })
+    .await
+    else {
+        return;
+    };
+    let second = first.second_node().await;
+    let mut tasks = Vec::new();
+    for node in [&first, &second] {
+        for index in 0..8 {
+            let client = node.client.clone();
+            let url = node.url("Organization");
+            tasks.push(tokio::spawn(async move {
+                let created = client
+                    .post(&url)
+                    .header("content-type", FHIR_JSON)
+                    .body(
+                        json!({"resourceType": "Organization", "name": format!("N{index}")})
+                            .to_string(),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(created.status(), 201);
+                let location = created.headers()["location"].to_str().unwrap().to_string();
+                let read = client.get(location).send().await.unwrap();
+                assert_eq!(read.status(), 200);
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        records(&first).await,
+        32,
+        "every request of both nodes, once"
+    );
+    let (ok, text) = audit_cli(&first, &["verify"]);
+    assert!(ok, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_postgres() {
+    two_nodes_one_log(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sqlite() {
+    two_nodes_one_log(Backend::Sqlite).await;
+}
+
+async fn proofs_and_compliance_endpoints(backend: Backend) {
+    let Some(app) = audited_app(backend).await else {
+        return;
+    };
+    let auditor = app.token(compliance_officer());
+    let get = async |path: &str, token: &str| {
+        let response = app
+            .anonymous
+            .get(app.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    };
+    // Inclusion of record 2 in the tree of the first checkpoint, against the signed root.
+    let size = app
+        .count("SELECT MIN(tree_size) FROM audit_checkpoints")
+        .await;
+    let (status, proof) = get(&format!("_audit/proof?sequence=2&size={size}"), &auditor).await;
+    assert_eq!(status, 200, "{proof}");
+    let leaf = merkle::from_hex(proof["leaf_hash"].as_str().unwrap()).unwrap();
+    let path: Vec<merkle::Hash> = proof["audit_path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|hash| merkle::from_hex(hash.as_str().unwrap()).unwrap())
+        .collect();
+    let root = merkle::from_hex(proof["root_hash"].as_str().unwrap()).unwrap();
+    assert!(merkle::verify_inclusion(
+        &leaf,
+        2,
+        size as u64,
+        &path,
+        &root
+    ));
+    assert!(!merkle::verify_inclusion(
+        &leaf,
+        3,
+        size as u64,
+        &path,
+        &root
+    ));
+    let (_, exported) = audit_cli(&app, &["checkpoints"]);
+    assert!(
+        exported.contains(&merkle::to_hex(&root)),
+        "the proof's root is a signed checkpoint"
+    );
+    // Consistency between the two checkpoints.
+    let later = app
+        .count("SELECT MAX(tree_size) FROM audit_checkpoints")
+        .await;
+    let (status, consistency) = get(
+        &format!("_audit/consistency?from={size}&to={later}"),
+        &auditor,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let hashes: Vec<merkle::Hash> = consistency["proof"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|hash| merkle::from_hex(hash.as_str().unwrap()).unwrap())
+        .collect();
+    let old_root = merkle::from_hex(consistency["old_root"].as_str().unwrap()).unwrap();
+    let new_root = merkle::from_hex(consistency["new_root"].as_str().unwrap()).unwrap();
+    assert_eq!(old_root, root);
+    assert!(merkle::verify_consistency(
+        size as u64,
+        later as u64,
+        &old_root,
+        &new_root,
+        &hashes
+    ));
+
+    // AuditEvents: compliance officers read and search; others may not; nobody writes.
+    let (status, bundle) = get("AuditEvent?subtype=create&outcome=0&_count=50", &auditor).await;
+    assert_eq!(status, 200);
+    let events = bundle["entry"].as_array().unwrap();
+    assert_eq!(events.len(), 10, "the ten creates");
+    assert_eq!(events[0]["resource"]["resourceType"], "AuditEvent");
+    let id = events[0]["resource"]["id"].as_str().unwrap().to_string();
+    let (status, event) = get(&format!("AuditEvent/{id}"), &auditor).await;
+    assert_eq!(status, 200);
+    assert_eq!(event["action"], "C");
+    assert_eq!(
+        app.get("AuditEvent?subtype=create").await.status(),
+        403,
+        "ehr-system may not"
+    );
+    let post = app.create(&json!({"resourceType": "AuditEvent"})).await;
+    assert_eq!(post.status(), 405);
+    // The disclosure report of one patient: who read it, and why.
+    let patient = app.create_id(&json!({"resourceType": "Patient", "generalPractitioner": [{"reference": "Practitioner/gp"}]})).await;
+    let doctor = app.token(DevTokenRequest {
+        subject: "dr-gp".into(),
+        roles: vec!["practitioner".into()],
+        fhir_user: Some("Practitioner/gp".into()),
+        scope: "user/*.cruds".into(),
+        purpose_of_use: Some("TREAT".into()),
+        lifetime_secs: 600,
+        ..DevTokenRequest::default()
+    });
+    let (status, _) = get(&format!("Patient/{patient}"), &doctor).await;
+    assert_eq!(status, 200);
+    let (status, report) = get(
+        &format!("_audit/disclosures?patient=Patient/{patient}&_format=report"),
+        &auditor,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let disclosures = report["disclosures"].as_array().unwrap();
+    let by_doctor: Vec<&Value> = disclosures
+        .iter()
+        .filter(|entry| entry["who"]["subject"] == "dr-gp")
+        .collect();
+    assert_eq!(by_doctor.len(), 1, "{report}");
+    assert_eq!(by_doctor[0]["why"], "TREAT");
+    assert_eq!(by_doctor[0]["what"]["interaction"], "read");
+    let (status, bundle) = get(
+        &format!("_audit/disclosures?patient=Patient/{patient}"),
+        &auditor,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(bundle["type"], "collection");
+    let _ = repo_dir();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_sqlite() {
+    proofs_and_compliance_endpoints(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_postgres() {
+    proofs_and_compliance_endpoints(Backend::Postgres).await;
+}
