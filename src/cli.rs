@@ -89,6 +89,12 @@ pub enum AuditCommand {
         #[arg(long)]
         size: Option<i64>,
     },
+    /// Benchmark only (dev mode, empty log): append N synthetic records, to time `verify`.
+    #[command(hide = true)]
+    FillSynthetic {
+        #[arg(long)]
+        records: i64,
+    },
     /// Consistency proof between two tree sizes.
     Consistency {
         #[arg(long)]
@@ -355,6 +361,35 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
             store.close().await;
             Ok(())
         }
+        AuditCommand::FillSynthetic { records } => {
+            if !settings.dev_issuer_enabled()?
+                || store
+                    .audit_size()
+                    .await
+                    .map_err(|error| error.to_string())?
+                    != 0
+            {
+                return Err("fill-synthetic runs only in dev mode on an empty audit log".into());
+            }
+            let started = std::time::Instant::now();
+            let mut written = 0;
+            while written < records {
+                let batch: Vec<crate::store::AuditEntry> = (written..(written + 5000).min(records))
+                    .map(|index| synthetic_entry(&settings.tenant, index))
+                    .collect();
+                written += store
+                    .append_audit(&batch)
+                    .await
+                    .map_err(|error| error.to_string())?
+                    .len() as i64;
+            }
+            println!(
+                "appended {written} synthetic records in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            store.close().await;
+            Ok(())
+        }
         AuditCommand::Consistency { from, to } => {
             let proof = crate::audit::log::consistency(&store, from, to)
                 .await
@@ -366,5 +401,38 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
             store.close().await;
             Ok(())
         }
+    }
+}
+
+/// A record shaped like a real read's (same fields and sizes), for the verify benchmark.
+fn synthetic_entry(tenant: &str, index: i64) -> crate::store::AuditEntry {
+    let record = serde_json::json!({
+        "recorded": "2026-01-01T00:00:00Z",
+        "interaction": "read",
+        "resource_type": "Observation",
+        "resource_id": format!("{index:032x}"),
+        "version": 1,
+        "outcome": 200,
+        "agent_subject": "bench-agent",
+        "agent_client_id": "bench-client",
+        "agent_fhir_user": "Practitioner/bench",
+        "agent_roles": ["practitioner"],
+        "purpose_of_use": "TREAT",
+        "network_address": "127.0.0.1",
+        "patient_pseudonym": "00000000-0000-4000-8000-000000000000",
+        "request_id": format!("{index:036x}"),
+        "query_hash": null,
+        "tenant": tenant,
+    });
+    crate::store::AuditEntry {
+        tenant: tenant.to_string(),
+        recorded_us: 0,
+        interaction: "read".into(),
+        resource_type: Some("Observation".into()),
+        resource_id: Some(format!("{index:032x}")),
+        outcome: 200,
+        agent: Some("bench-agent".into()),
+        patient: None,
+        record: serde_json::to_vec(&record).unwrap_or_default(),
     }
 }

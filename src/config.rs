@@ -53,6 +53,9 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The audit log: `[audit]`, `CUSTODIAN_AUDIT__<KEY>`.
     pub audit: AuditSettings,
+    /// Whether `serve` applies pending migrations first (`CUSTODIAN_MIGRATE_ON_START`). Off when
+    /// the server runs as the restricted application role and migrations as the owner.
+    pub migrate_on_start: bool,
 }
 
 /// The audit log's files and checkpoint cadence.
@@ -209,6 +212,7 @@ impl Default for Settings {
             keys: KeySettings::default(),
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
+            migrate_on_start: true,
         }
     }
 }

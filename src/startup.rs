@@ -47,10 +47,12 @@ impl Application {
                 .await
                 .map_err(|error| format!("cannot open the database: {error}"))?,
         );
-        store
-            .migrate()
-            .await
-            .map_err(|error| format!("cannot migrate the database: {error}"))?;
+        if settings.migrate_on_start {
+            store
+                .migrate()
+                .await
+                .map_err(|error| format!("cannot migrate the database: {error}"))?;
+        }
         let provider = crate::crypto::provider_from_settings(&settings).await?;
         let vault = Arc::new(Vault::new(
             provider,

@@ -735,30 +735,42 @@ async fn append_audit_in(
         .try_get("next_sequence")
         .map_err(|error| StoreError::Internal(error.to_string()))?;
     let first = end - count;
-    let mut sequences = Vec::with_capacity(entries.len());
-    for (offset, entry) in entries.iter().enumerate() {
-        let sequence = first + offset as i64;
-        let leaf = crate::audit::log::record_leaf(sequence, &entry.record);
-        sqlx::query(
+    let sequences: Vec<i64> = (0..count).map(|offset| first + offset).collect();
+    // Many rows per statement: a group commit costs a few round trips, not one per record.
+    const ROWS_PER_STATEMENT: usize = 200;
+    const COLUMNS: usize = 11;
+    for (chunk_index, chunk) in entries.chunks(ROWS_PER_STATEMENT).enumerate() {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|row| {
+                let placeholders: Vec<String> = (1..=COLUMNS)
+                    .map(|column| format!("${}", row * COLUMNS + column))
+                    .collect();
+                format!("({})", placeholders.join(", "))
+            })
+            .collect();
+        let statement = format!(
             "INSERT INTO audit_log (sequence, tenant, recorded_us, interaction, resource_type, \
-               resource_id, outcome, agent, patient, record, leaf_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(sequence)
-        .bind(&entry.tenant)
-        .bind(entry.recorded_us)
-        .bind(&entry.interaction)
-        .bind(entry.resource_type.as_deref())
-        .bind(entry.resource_id.as_deref())
-        .bind(entry.outcome)
-        .bind(entry.agent.as_deref())
-        .bind(entry.patient.as_deref())
-        .bind(entry.record.as_slice())
-        .bind(leaf.as_slice())
-        .execute(&mut **transaction)
-        .await
-        .map_err(classify)?;
-        sequences.push(sequence);
+               resource_id, outcome, agent, patient, record, leaf_hash) VALUES {}",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&statement);
+        for (row, entry) in chunk.iter().enumerate() {
+            let sequence = sequences[chunk_index * ROWS_PER_STATEMENT + row];
+            let leaf = crate::audit::log::record_leaf(sequence, &entry.record);
+            query = query
+                .bind(sequence)
+                .bind(entry.tenant.clone())
+                .bind(entry.recorded_us)
+                .bind(entry.interaction.clone())
+                .bind(entry.resource_type.clone())
+                .bind(entry.resource_id.clone())
+                .bind(entry.outcome)
+                .bind(entry.agent.clone())
+                .bind(entry.patient.clone())
+                .bind(entry.record.clone())
+                .bind(leaf.to_vec());
+        }
+        query.execute(&mut **transaction).await.map_err(classify)?;
     }
     Ok(sequences)
 }
