@@ -87,13 +87,21 @@ impl App {
         mut record: VersionRecord,
     ) -> ApiResult<Option<VersionRecord>> {
         record.body = self.vault.open(permit.scope(), &record).await?;
-        let resource: Option<serde_json::Value> = match &record.body {
-            Some(body) => Some(
-                serde_json::from_slice(body)
-                    .map_err(|_| ApiError::Internal("a stored body is not JSON".into()))?,
-            ),
-            None => None,
-        };
+        // Parsing the body costs more than the rest of a read; the decision needs it only for
+        // granular scopes, care-team rules and security labels.
+        let needs_content = permit.needs_content()
+            || record
+                .body
+                .as_deref()
+                .is_some_and(|body| body.windows(10).any(|window| window == b"\"security\""));
+        let resource: Option<serde_json::Value> =
+            match record.body.as_deref().filter(|_| needs_content) {
+                Some(body) => Some(
+                    serde_json::from_slice(body)
+                        .map_err(|_| ApiError::Internal("a stored body is not JSON".into()))?,
+                ),
+                None => None,
+            };
         let facts = ResourceFacts {
             resource_type: &record.resource_type,
             compartment: record.compartment.as_deref(),

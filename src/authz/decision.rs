@@ -105,6 +105,12 @@ impl Permit {
         self.interaction
     }
 
+    /// Whether the per-resource check reads the resource's content (granular scope constraints,
+    /// a practitioner's care team). Security labels are looked for by the caller.
+    pub fn needs_content(&self) -> bool {
+        self.constraints.is_some() || self.principal.practitioner_id().is_some()
+    }
+
     /// The compartment a query can be narrowed to up front: a patient-confined permit never
     /// sees other compartments, so history and search need not read them.
     pub fn compartment_filter(&self) -> Option<&str> {
