@@ -180,7 +180,7 @@ impl Default for KeySettings {
             aws_region: None,
             aws_endpoint_url: None,
             timeout_ms: 3000,
-            cache_max_entries: 10_000,
+            cache_max_entries: 100_000,
             cache_max_age_secs: 300,
         }
     }
