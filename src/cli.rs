@@ -287,6 +287,10 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
         .map_err(|error| format!("cannot open the database: {error}"))?;
     store.migrate().await.map_err(|error| error.to_string())?;
     let signer = CheckpointSigner::load_or_create(&settings.audit_signing_key_file())?;
+    // Committed records not yet in the ordered log take their place first.
+    crate::audit::log::sequence_all(&store)
+        .await
+        .map_err(|error| error.to_string())?;
     let hex = |bytes: &[u8]| {
         bytes
             .iter()

@@ -1,6 +1,6 @@
 -- The append-only audit log (see migrations/sqlite/0003_audit.sql for the design notes).
-CREATE TABLE audit_log (
-    sequence      BIGINT PRIMARY KEY,
+CREATE TABLE audit_records (
+    record_id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant        TEXT   NOT NULL,
     recorded_us   BIGINT NOT NULL,
     interaction   TEXT   NOT NULL,
@@ -9,12 +9,17 @@ CREATE TABLE audit_log (
     outcome       BIGINT NOT NULL,
     agent         TEXT,
     patient       TEXT,
-    record        BYTEA  NOT NULL,
+    record        BYTEA  NOT NULL
+);
+CREATE INDEX audit_records_by_patient ON audit_records (tenant, patient, recorded_us);
+CREATE INDEX audit_records_by_agent ON audit_records (tenant, agent, recorded_us);
+CREATE INDEX audit_records_by_time ON audit_records (tenant, recorded_us);
+
+CREATE TABLE audit_log (
+    sequence      BIGINT PRIMARY KEY,
+    record_id     BIGINT NOT NULL UNIQUE REFERENCES audit_records (record_id),
     leaf_hash     BYTEA  NOT NULL
 );
-CREATE INDEX audit_log_by_patient ON audit_log (tenant, patient, recorded_us);
-CREATE INDEX audit_log_by_agent ON audit_log (tenant, agent, recorded_us);
-CREATE INDEX audit_log_by_time ON audit_log (tenant, recorded_us);
 
 CREATE TABLE audit_counter (
     id            BIGINT PRIMARY KEY CHECK (id = 1),
@@ -36,6 +41,10 @@ BEGIN
     RAISE EXCEPTION '% is append-only', TG_TABLE_NAME;
 END;
 $$;
+CREATE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE ON audit_records
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
@@ -57,5 +66,5 @@ END
 $$;
 GRANT SELECT, INSERT, UPDATE, DELETE ON resource_versions, resource_heads, patient_compartments, data_keys TO custodian_app;
 GRANT SELECT, UPDATE ON audit_counter TO custodian_app;
-GRANT SELECT, INSERT ON audit_log, audit_checkpoints TO custodian_app;
+GRANT SELECT, INSERT ON audit_records, audit_log, audit_checkpoints TO custodian_app;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO custodian_app;

@@ -1,11 +1,12 @@
--- The append-only audit log. One row per request (allowed or denied). `record` is the canonical
--- JSON of the audit record (no PHI: agents, codes, outcome, the patient only as a compartment
--- pseudonym, the query only as a keyed hash); `leaf_hash` is its RFC 9162 leaf hash, bound to
--- the sequence number. Sequence numbers are dense: the counter row below hands them out inside
--- the writing transaction, so the Merkle tree over records in sequence order never changes
--- behind a checkpoint, however many server processes write.
-CREATE TABLE audit_log (
-    sequence      INTEGER PRIMARY KEY,
+-- The append-only audit log. One row in audit_records per request (allowed or denied), inserted
+-- in the request's own transaction without any lock. `record` is the canonical JSON of the audit
+-- record (no PHI: agents, codes, outcome, the patient only as a compartment pseudonym, the query
+-- only as a keyed hash). The sequencer then gives committed records dense sequence numbers in
+-- audit_log (under the counter row's lock), with each record's RFC 9162 leaf hash bound to its
+-- position: the Merkle tree over audit_log never changes behind a checkpoint, however many
+-- server processes write.
+CREATE TABLE audit_records (
+    record_id     INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant        TEXT    NOT NULL,
     recorded_us   INTEGER NOT NULL,
     interaction   TEXT    NOT NULL,
@@ -14,12 +15,18 @@ CREATE TABLE audit_log (
     outcome       INTEGER NOT NULL,
     agent         TEXT,
     patient       TEXT,
-    record        BLOB    NOT NULL,
+    record        BLOB    NOT NULL
+);
+CREATE INDEX audit_records_by_patient ON audit_records (tenant, patient, recorded_us);
+CREATE INDEX audit_records_by_agent ON audit_records (tenant, agent, recorded_us);
+CREATE INDEX audit_records_by_time ON audit_records (tenant, recorded_us);
+
+-- The log itself: records in sequence order, each bound to its position by its leaf hash.
+CREATE TABLE audit_log (
+    sequence      INTEGER PRIMARY KEY,
+    record_id     INTEGER NOT NULL UNIQUE REFERENCES audit_records (record_id),
     leaf_hash     BLOB    NOT NULL
 );
-CREATE INDEX audit_log_by_patient ON audit_log (tenant, patient, recorded_us);
-CREATE INDEX audit_log_by_agent ON audit_log (tenant, agent, recorded_us);
-CREATE INDEX audit_log_by_time ON audit_log (tenant, recorded_us);
 
 CREATE TABLE audit_counter (
     id            INTEGER PRIMARY KEY CHECK (id = 1),
@@ -37,6 +44,10 @@ CREATE TABLE audit_checkpoints (
 );
 
 -- Append-only: nothing may change or remove an audit row or checkpoint.
+CREATE TRIGGER audit_records_no_update BEFORE UPDATE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit_records is append-only'); END;
+CREATE TRIGGER audit_records_no_delete BEFORE DELETE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit_records is append-only'); END;
 CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log

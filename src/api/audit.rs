@@ -180,6 +180,7 @@ pub async fn read_event(
     let permit = app
         .decide(&principal, Interaction::Read, Some("AuditEvent"))
         .await?;
+    crate::audit::log::sequence_all(&*app.store).await?;
     let not_found = || ApiError::resource_not_found("AuditEvent", &id);
     let sequence: i64 = id.parse().map_err(|_| not_found())?;
     let stored = app
@@ -207,6 +208,7 @@ pub async fn search_events(
     let permit = app
         .decide(&principal, Interaction::Search, Some("AuditEvent"))
         .await?;
+    crate::audit::log::sequence_all(&*app.store).await?;
     let audit_query = audit_query(&app, &permit, &query).await?;
     let records = app.store.search_audit(permit.scope(), &audit_query).await?;
     let entries: Vec<Value> = records
@@ -242,6 +244,7 @@ pub async fn disclosures(
     let permit = app
         .decide(&principal, Interaction::Search, Some("AuditEvent"))
         .await?;
+    crate::audit::log::sequence_all(&*app.store).await?;
     if query.first("patient").is_none() {
         return Err(ApiError::invalid(
             IssueCode::Required,
@@ -313,6 +316,7 @@ pub async fn proof(
             })
             .transpose()
     };
+    crate::audit::log::sequence_all(&*app.store).await?;
     let sequence = number("sequence")?
         .ok_or_else(|| ApiError::invalid(IssueCode::Required, "sequence is required"))?;
     crate::audit::log::inclusion(&*app.store, sequence, number("size")?)
@@ -337,6 +341,7 @@ pub async fn consistency(
                 ApiError::invalid(IssueCode::Value, format!("{name} must be an integer"))
             })
     };
+    crate::audit::log::sequence_all(&*app.store).await?;
     crate::audit::log::consistency(&*app.store, number("from")?, number("to")?)
         .await
         .map(Json)

@@ -228,7 +228,8 @@ fn write_secret(file: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|error| format!("cannot write {}: {error}", file.display()))
 }
 
-/// Writes a checkpoint when at least `every_records` records, or `every` time with at least one
+/// Places committed records in the log (every 100 ms) and writes a checkpoint when at least
+/// `every_records` records, or `every` time with at least one
 /// record, came after the last one. Several processes may run this: the store keeps the first
 /// checkpoint of each size.
 pub fn start_checkpointer(
@@ -239,8 +240,18 @@ pub fn start_checkpointer(
 ) {
     tokio::spawn(async move {
         let mut last_written = std::time::Instant::now();
+        let mut ticks = 0u32;
         loop {
-            tokio::time::sleep(Duration::from_millis(500).min(every)).await;
+            // Records take their place in the log within ~100 ms of their commit.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(error) = sequence_all(&*store).await {
+                tracing::warn!(%error, "audit records not sequenced");
+                continue;
+            }
+            ticks = ticks.wrapping_add(1);
+            if !ticks.is_multiple_of(5) {
+                continue;
+            }
             if let Err(error) =
                 checkpoint_if_due(&*store, &signer, every_records, every, &mut last_written).await
             {
@@ -271,6 +282,15 @@ async fn checkpoint_if_due(
     let checkpoint = checkpoint_now(store, signer, size).await?;
     store.insert_checkpoint(&checkpoint).await?;
     *last_written = std::time::Instant::now();
+    Ok(())
+}
+
+/// Places every committed record in the ordered log.
+///
+/// # Errors
+/// When the store refuses.
+pub async fn sequence_all(store: &dyn Store) -> Result<(), StoreError> {
+    while store.sequence_pending(10_000).await? == 10_000 {}
     Ok(())
 }
 

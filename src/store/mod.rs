@@ -267,15 +267,23 @@ pub trait Store: Send + Sync + 'static {
     async fn history(&self, scope: &Scope, query: &HistoryQuery)
         -> StoreResult<Vec<VersionRecord>>;
 
-    /// Appends audit records in one transaction, giving each the next sequence number; returns
-    /// them. The counter row serializes appends across processes, so sequence numbers are dense
-    /// and in commit order.
+    /// Appends audit records in one transaction (no lock: appends from many requests and
+    /// processes overlap); returns their record ids. They join the ordered log at the next
+    /// [`Store::sequence_pending`].
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; then nothing was appended.
     async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>>;
 
-    /// How many audit records exist.
+    /// Gives committed records not yet in the log the next dense sequence numbers (at most
+    /// `limit`), with their leaf hashes; one sequencer at a time across all processes. Returns
+    /// how many were placed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn sequence_pending(&self, limit: i64) -> StoreResult<i64>;
+
+    /// How many audit records the ordered log holds.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].

@@ -410,6 +410,67 @@ impl Store for SqlStore {
         Ok(sequences)
     }
 
+    async fn sequence_pending(&self, limit: i64) -> StoreResult<i64> {
+        let mut transaction = self.begin().await?;
+        // The counter row's lock makes one sequencer at a time, across all processes.
+        let row = sqlx::query(
+            "UPDATE audit_counter SET next_sequence = next_sequence WHERE id = 1 RETURNING next_sequence",
+        )
+        .fetch_one(&mut *transaction)
+        .await
+        .map_err(classify)?;
+        let next: i64 = row
+            .try_get("next_sequence")
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        // Committed records without a place yet, oldest first. A transaction still open may hold
+        // a lower id; it is picked up by a later run. Looking back a bounded distance keeps this
+        // cheap on a large log.
+        let pending = sqlx::query(
+            "SELECT r.record_id, r.record FROM audit_records r \
+             WHERE r.record_id > (SELECT COALESCE(MAX(record_id), 0) FROM audit_log) - 100000 \
+               AND NOT EXISTS (SELECT 1 FROM audit_log l WHERE l.record_id = r.record_id) \
+             ORDER BY r.record_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(classify)?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        const ROWS_PER_STATEMENT: usize = 300;
+        for (chunk_index, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|row| format!("(${}, ${}, ${})", row * 3 + 1, row * 3 + 2, row * 3 + 3))
+                .collect();
+            let statement = format!(
+                "INSERT INTO audit_log (sequence, record_id, leaf_hash) VALUES {}",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&statement);
+            for (offset, row) in chunk.iter().enumerate() {
+                let sequence = next + (chunk_index * ROWS_PER_STATEMENT + offset) as i64;
+                let record_id: i64 = row
+                    .try_get("record_id")
+                    .map_err(|error| StoreError::Internal(error.to_string()))?;
+                let record: Vec<u8> = row
+                    .try_get("record")
+                    .map_err(|error| StoreError::Internal(error.to_string()))?;
+                let leaf = crate::audit::log::record_leaf(sequence, &record);
+                query = query.bind(sequence).bind(record_id).bind(leaf.to_vec());
+            }
+            query.execute(&mut *transaction).await.map_err(classify)?;
+        }
+        let count = pending.len() as i64;
+        sqlx::query("UPDATE audit_counter SET next_sequence = $1 WHERE id = 1")
+            .bind(next + count)
+            .execute(&mut *transaction)
+            .await
+            .map_err(classify)?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(count)
+    }
+
     async fn audit_size(&self) -> StoreResult<i64> {
         let row = sqlx::query("SELECT next_sequence FROM audit_counter WHERE id = 1")
             .fetch_one(&self.pool)
@@ -441,8 +502,9 @@ impl Store for SqlStore {
 
     async fn audit_records(&self, from: i64, limit: i64) -> StoreResult<Vec<StoredAudit>> {
         let rows = sqlx::query(
-            "SELECT sequence, record, leaf_hash FROM audit_log WHERE sequence >= $1 \
-             ORDER BY sequence LIMIT $2",
+            "SELECT l.sequence, r.record, l.leaf_hash FROM audit_log l \
+             JOIN audit_records r ON r.record_id = l.record_id \
+             WHERE l.sequence >= $1 ORDER BY l.sequence LIMIT $2",
         )
         .bind(from)
         .bind(limit)
@@ -457,18 +519,18 @@ impl Store for SqlStore {
         scope: &Scope,
         query: &AuditQuery,
     ) -> StoreResult<Vec<StoredAudit>> {
-        let mut conditions = vec!["tenant = $1".to_string()];
+        let mut conditions = vec!["r.tenant = $1".to_string()];
         let mut next = 2;
         let mut add = |condition: &str| {
             conditions.push(condition.replace('?', &format!("${next}")));
             next += 1;
         };
         let texts = [
-            ("patient = ?", &query.patient),
-            ("agent = ?", &query.agent),
-            ("interaction = ?", &query.interaction),
-            ("resource_type = ?", &query.resource_type),
-            ("resource_id = ?", &query.resource_id),
+            ("r.patient = ?", &query.patient),
+            ("r.agent = ?", &query.agent),
+            ("r.interaction = ?", &query.interaction),
+            ("r.resource_type = ?", &query.resource_type),
+            ("r.resource_id = ?", &query.resource_id),
         ];
         for (condition, value) in &texts {
             if value.is_some() {
@@ -476,10 +538,10 @@ impl Store for SqlStore {
             }
         }
         let numbers = [
-            ("outcome >= ?", query.outcome_from),
-            ("outcome < ?", query.outcome_to),
-            ("recorded_us >= ?", query.from_us),
-            ("recorded_us < ?", query.to_us),
+            ("r.outcome >= ?", query.outcome_from),
+            ("r.outcome < ?", query.outcome_to),
+            ("r.recorded_us >= ?", query.from_us),
+            ("r.recorded_us < ?", query.to_us),
         ];
         for (condition, value) in &numbers {
             if value.is_some() {
@@ -487,7 +549,8 @@ impl Store for SqlStore {
             }
         }
         let statement = format!(
-            "SELECT sequence, record, leaf_hash FROM audit_log WHERE {} ORDER BY sequence DESC LIMIT ${next}",
+            "SELECT l.sequence, r.record, l.leaf_hash FROM audit_records r \
+             JOIN audit_log l ON l.record_id = r.record_id WHERE {} ORDER BY l.sequence DESC LIMIT ${next}",
             conditions.join(" AND ")
         );
         let mut sql = sqlx::query(&statement).bind(scope.tenant());
@@ -717,29 +780,17 @@ impl Store for SqlStore {
     }
 }
 
-/// Appends audit records inside an open transaction (a write's own, or a group commit's).
+/// Inserts audit records inside an open transaction (a write's own, or a group commit's). No
+/// lock is taken: records get their place in the log later, from the sequencer.
 async fn append_audit_in(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     entries: &[AuditEntry],
 ) -> StoreResult<Vec<i64>> {
-    let count = i64::try_from(entries.len()).unwrap_or(i64::MAX);
-    // The row lock on the counter orders appends across processes until this commit.
-    let row = sqlx::query(
-        "UPDATE audit_counter SET next_sequence = next_sequence + $1 WHERE id = 1 RETURNING next_sequence",
-    )
-    .bind(count)
-    .fetch_one(&mut **transaction)
-    .await
-    .map_err(classify)?;
-    let end: i64 = row
-        .try_get("next_sequence")
-        .map_err(|error| StoreError::Internal(error.to_string()))?;
-    let first = end - count;
-    let sequences: Vec<i64> = (0..count).map(|offset| first + offset).collect();
     // Many rows per statement: a group commit costs a few round trips, not one per record.
     const ROWS_PER_STATEMENT: usize = 200;
-    const COLUMNS: usize = 11;
-    for (chunk_index, chunk) in entries.chunks(ROWS_PER_STATEMENT).enumerate() {
+    const COLUMNS: usize = 9;
+    let mut ids = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|row| {
                 let placeholders: Vec<String> = (1..=COLUMNS)
@@ -749,16 +800,13 @@ async fn append_audit_in(
             })
             .collect();
         let statement = format!(
-            "INSERT INTO audit_log (sequence, tenant, recorded_us, interaction, resource_type, \
-               resource_id, outcome, agent, patient, record, leaf_hash) VALUES {}",
+            "INSERT INTO audit_records (tenant, recorded_us, interaction, resource_type, \
+               resource_id, outcome, agent, patient, record) VALUES {} RETURNING record_id",
             rows.join(", ")
         );
         let mut query = sqlx::query(&statement);
-        for (row, entry) in chunk.iter().enumerate() {
-            let sequence = sequences[chunk_index * ROWS_PER_STATEMENT + row];
-            let leaf = crate::audit::log::record_leaf(sequence, &entry.record);
+        for entry in chunk {
             query = query
-                .bind(sequence)
                 .bind(entry.tenant.clone())
                 .bind(entry.recorded_us)
                 .bind(entry.interaction.clone())
@@ -767,12 +815,20 @@ async fn append_audit_in(
                 .bind(entry.outcome)
                 .bind(entry.agent.clone())
                 .bind(entry.patient.clone())
-                .bind(entry.record.clone())
-                .bind(leaf.to_vec());
+                .bind(entry.record.clone());
         }
-        query.execute(&mut **transaction).await.map_err(classify)?;
+        for row in query
+            .fetch_all(&mut **transaction)
+            .await
+            .map_err(classify)?
+        {
+            ids.push(
+                row.try_get("record_id")
+                    .map_err(|error| StoreError::Internal(error.to_string()))?,
+            );
+        }
     }
-    Ok(sequences)
+    Ok(ids)
 }
 
 fn decode_audit(row: &AnyRow) -> StoreResult<StoredAudit> {

@@ -25,7 +25,7 @@ fn compliance_officer() -> DevTokenRequest {
 async fn last_record(app: &TestApp) -> String {
     app.strings(
         "SELECT interaction || ':' || CAST(outcome AS TEXT) || ':' || COALESCE(agent, '-') || ':' || COALESCE(resource_type, '-') \
-         FROM audit_log ORDER BY sequence DESC LIMIT 1",
+         FROM audit_records ORDER BY record_id DESC LIMIT 1",
     )
     .await
     .remove(0)
@@ -33,7 +33,7 @@ async fn last_record(app: &TestApp) -> String {
 }
 
 async fn records(app: &TestApp) -> i64 {
-    app.count("SELECT COUNT(*) FROM audit_log").await
+    app.count("SELECT COUNT(*) FROM audit_records").await
 }
 
 /// Asserts that exactly one record was added since `before`, and what it says.
@@ -100,7 +100,7 @@ async fn every_request_leaves_exactly_one_record(app: TestApp) {
     // Writes commit their record with the data: the row's patient pseudonym is the resource's.
     let pseudonyms = app
         .strings(&format!(
-            "SELECT DISTINCT patient FROM audit_log WHERE resource_id = '{id}' AND patient IS NOT NULL"
+            "SELECT DISTINCT patient FROM audit_records WHERE resource_id = '{id}' AND patient IS NOT NULL"
         ))
         .await;
     let compartment = app
@@ -118,8 +118,17 @@ both_backends!(
 async fn the_log_is_append_only(app: TestApp) {
     app.create_id(&json!({"resourceType": "Organization", "name": "x"}))
         .await;
+    // Wait until the sequencer placed the record, so that the log has a row to protect.
+    for _ in 0..50 {
+        if app.count("SELECT COUNT(*) FROM audit_log").await >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     for statement in [
-        "UPDATE audit_log SET outcome = 999",
+        "UPDATE audit_records SET outcome = 999",
+        "DELETE FROM audit_records",
+        "UPDATE audit_log SET sequence = sequence + 1000",
         "DELETE FROM audit_log",
         "UPDATE audit_counter SET next_sequence = 0 WHERE id = 2",
     ] {
@@ -131,11 +140,15 @@ async fn the_log_is_append_only(app: TestApp) {
     }
     if app.backend == Backend::Postgres {
         assert!(app.try_execute("TRUNCATE audit_log").await.is_err());
+        assert!(app
+            .try_execute("TRUNCATE audit_records CASCADE")
+            .await
+            .is_err());
         // The application role has no UPDATE/DELETE on the audit tables.
         let grants = app
             .count(
                 "SELECT COUNT(*) FROM information_schema.role_table_grants WHERE grantee = 'custodian_app' \
-                 AND table_name IN ('audit_log', 'audit_checkpoints') AND privilege_type IN ('UPDATE', 'DELETE', 'TRUNCATE')",
+                 AND table_name IN ('audit_records', 'audit_log', 'audit_checkpoints') AND privilege_type IN ('UPDATE', 'DELETE', 'TRUNCATE')",
             )
             .await;
         assert_eq!(grants, 0);
@@ -193,8 +206,8 @@ async fn audited_app(backend: Backend) -> Option<TestApp> {
 fn bypassing_triggers(backend: Backend, statements: &str) -> String {
     match backend {
         Backend::Sqlite => format!(
-            "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete; \
-             DROP TRIGGER audit_checkpoints_no_update; {statements}"
+            "DROP TRIGGER audit_records_no_update; DROP TRIGGER audit_log_no_update; \
+             DROP TRIGGER audit_log_no_delete; DROP TRIGGER audit_checkpoints_no_update; {statements}"
         ),
         Backend::Postgres => format!("SET session_replication_role = replica; {statements}"),
     }
@@ -203,10 +216,12 @@ fn bypassing_triggers(backend: Backend, statements: &str) -> String {
 fn replace_in_record(backend: Backend, sequence: i64, from: &str, to: &str) -> String {
     match backend {
         Backend::Sqlite => format!(
-            "UPDATE audit_log SET record = CAST(replace(CAST(record AS TEXT), '{from}', '{to}') AS BLOB) WHERE sequence = {sequence};"
+            "UPDATE audit_records SET record = CAST(replace(CAST(record AS TEXT), '{from}', '{to}') AS BLOB) \
+             WHERE record_id = (SELECT record_id FROM audit_log WHERE sequence = {sequence});"
         ),
         Backend::Postgres => format!(
-            "UPDATE audit_log SET record = convert_to(replace(convert_from(record, 'UTF8'), '{from}', '{to}'), 'UTF8') WHERE sequence = {sequence};"
+            "UPDATE audit_records SET record = convert_to(replace(convert_from(record, 'UTF8'), '{from}', '{to}'), 'UTF8') \
+             WHERE record_id = (SELECT record_id FROM audit_log WHERE sequence = {sequence});"
         ),
     }
 }
@@ -235,7 +250,7 @@ async fn tampering_is_found_and_named(backend: Backend) {
         };
         let tamper = tamper.replace(
             "leaf_hash_placeholder",
-            "(SELECT record FROM audit_log WHERE sequence = 0)",
+            "(SELECT record FROM audit_records ORDER BY record_id LIMIT 1)",
         );
         app.execute_script(&bypassing_triggers(backend, &tamper))
             .await;
@@ -261,9 +276,9 @@ async fn a_failing_audit_fails_the_request(app: TestApp) {
         .await;
     let versions = app.count("SELECT COUNT(*) FROM resource_versions").await;
     let sabotage = match app.backend {
-        Backend::Sqlite => "CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
+        Backend::Sqlite => "CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_records BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
         Backend::Postgres => "CREATE FUNCTION audit_sabotage() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no audit'; END; $$; \
-             CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION audit_sabotage();",
+             CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION audit_sabotage();",
     };
     app.execute_script(sabotage).await;
     let read = app.get(&format!("Patient/{id}")).await;
