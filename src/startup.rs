@@ -115,7 +115,13 @@ impl Application {
             settings.tenant.clone(),
         );
         let store_handle: Arc<dyn crate::store::Store> = store.clone();
-        let audit = AuditLog::start(store_handle.clone());
+        // SQLite takes one writer at a time; PostgreSQL overlaps concurrent commits.
+        let audit_writers = if store.backend_name() == "postgres" {
+            4
+        } else {
+            1
+        };
+        let audit = AuditLog::start(store_handle.clone(), audit_writers);
         let audit_catalog = Catalog::load(&settings.audit.catalog_dir)?;
         let signer = Arc::new(CheckpointSigner::load_or_create(
             &settings.audit_signing_key_file(),

@@ -44,14 +44,18 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Starts the group-commit writer over `store`.
-    pub fn start(store: Arc<dyn Store>) -> AuditLog {
+    /// Starts `writers` group-commit writers over `store`. With PostgreSQL several batches can
+    /// be in flight at once (the database overlaps their commits); SQLite has one writer anyway.
+    pub fn start(store: Arc<dyn Store>, writers: usize) -> AuditLog {
         let (sender, receiver) = mpsc::channel(8192);
-        tokio::spawn(write_batches(store, receiver));
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(write_batches(store.clone(), receiver.clone()));
+        }
         AuditLog { sender }
     }
 
-    /// Appends one record and returns once it is committed, with its sequence number.
+    /// Appends one record and returns once it is committed, with its record id.
     ///
     /// # Errors
     /// [`AuditError::NotWritten`] when the database refused or is unreachable.
@@ -68,20 +72,31 @@ impl AuditLog {
     }
 }
 
-async fn write_batches(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pending>) {
-    while let Some(first) = receiver.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+async fn write_batches(
+    store: Arc<dyn Store>,
+    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
+) {
+    loop {
+        // Take everything waiting (at least one record), then let another writer take the next.
+        let batch = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
-        }
+            batch
+        };
         let entries: Vec<AuditEntry> = batch.iter().map(|pending| pending.entry.clone()).collect();
         match store.append_audit(&entries).await {
-            Ok(sequences) => {
-                for (pending, sequence) in batch.into_iter().zip(sequences) {
-                    let _ = pending.done.send(Ok(sequence));
+            Ok(ids) => {
+                for (pending, id) in batch.into_iter().zip(ids) {
+                    let _ = pending.done.send(Ok(id));
                 }
             }
             Err(error) => {
