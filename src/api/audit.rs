@@ -7,7 +7,7 @@
 //! context. If the append fails, the client gets 503 and none of the data.
 //!
 //! Endpoints (compliance-officer and admin, per policy):
-//! - `GET /AuditEvent/{sequence}` and `GET /AuditEvent?patient=&agent=&date=&subtype=&outcome=&entity=`
+//! - `GET /AuditEvent/{sequence}` and `GET /AuditEvent?patient=&agent=&date=&type=&subtype=&outcome=&entity=`
 //!   (FHIR AuditEvents built from the records); writes answer 405.
 //! - `GET /Patient/{id}/$disclosures?start=&end=[&_format=report]`: who accessed the patient's
 //!   record, when, how and why (HIPAA 164.528), as a Bundle or a plain JSON report.
@@ -385,6 +385,12 @@ async fn audit_query(
             }
             "agent" => audit_query.agent = Some(value.clone()),
             "subtype" => audit_query.interaction = Some(value.rsplit('|').next().unwrap_or_default().to_string()),
+            // type: `rest` (every FHIR interaction) or DICOM 110114 (authentication failures).
+            "type" => match value.rsplit('|').next().unwrap_or_default() {
+                "110114" => audit_query.interaction = Some("login".into()),
+                "rest" => audit_query.exclude_interaction = Some("login".into()),
+                _ => return Err(invalid("type")),
+            },
             "outcome" => {
                 let (from, to) = match value.as_str() {
                     "0" => (0, 400),
@@ -424,7 +430,7 @@ async fn audit_query(
             _ => {
                 return Err(ApiError::Invalid(vec![Issue::new(
                     IssueCode::NotSupported,
-                    "AuditEvent search supports patient, agent, date, subtype, outcome, entity and _count",
+                    "AuditEvent search supports patient, agent, date, type, subtype, outcome, entity and _count",
                 )]))
             }
         }

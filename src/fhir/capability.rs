@@ -55,6 +55,7 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
             { "name": "patient", "type": "reference" },
             { "name": "agent", "type": "token", "documentation": "the agent's token subject" },
             { "name": "date", "type": "date" },
+            { "name": "type", "type": "token" },
             { "name": "subtype", "type": "token" },
             { "name": "outcome", "type": "token" },
             { "name": "entity", "type": "reference" }

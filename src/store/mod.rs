@@ -189,6 +189,8 @@ pub struct AuditQuery {
     pub patient: Option<String>,
     pub agent: Option<String>,
     pub interaction: Option<String>,
+    /// Leave out records of this interaction.
+    pub exclude_interaction: Option<String>,
     /// HTTP status range `[outcome_from, outcome_to)`.
     pub outcome_from: Option<i64>,
     pub outcome_to: Option<i64>,

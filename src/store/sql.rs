@@ -423,11 +423,11 @@ impl Store for SqlStore {
             .try_get("next_sequence")
             .map_err(|error| StoreError::Internal(error.to_string()))?;
         // Committed records without a place yet, oldest first. A transaction still open may hold
-        // a lower id; it is picked up by a later run. Looking back a bounded distance keeps this
-        // cheap on a large log.
+        // a lower id; it is picked up by a later run. Looking back a bounded distance (10,000 ids:
+        // far more than can be in flight) keeps this cheap on a large log.
         let pending = sqlx::query(
             "SELECT r.record_id, r.record FROM audit_records r \
-             WHERE r.record_id > (SELECT COALESCE(MAX(record_id), 0) FROM audit_log) - 100000 \
+             WHERE r.record_id > (SELECT COALESCE(MAX(record_id), 0) FROM audit_log) - 10000 \
                AND NOT EXISTS (SELECT 1 FROM audit_log l WHERE l.record_id = r.record_id) \
              ORDER BY r.record_id LIMIT $1",
         )
@@ -529,6 +529,7 @@ impl Store for SqlStore {
             ("r.patient = ?", &query.patient),
             ("r.agent = ?", &query.agent),
             ("r.interaction = ?", &query.interaction),
+            ("r.interaction <> ?", &query.exclude_interaction),
             ("r.resource_type = ?", &query.resource_type),
             ("r.resource_id = ?", &query.resource_id),
         ];

@@ -442,6 +442,23 @@ async fn proofs_and_compliance_endpoints(backend: Backend) {
     let (status, event) = get(&format!("AuditEvent/{id}"), &auditor).await;
     assert_eq!(status, 200);
     assert_eq!(event["action"], "C");
+    // One failed authentication, found by the DICOM "User Authentication" type.
+    let refused = app
+        .anonymous
+        .get(app.url("Patient/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let (status, logins) = get(
+        "AuditEvent?type=http://dicom.nema.org/resources/ontology/DCM|110114",
+        &auditor,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let logins = logins["entry"].as_array().unwrap();
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0]["resource"]["outcome"], "4");
     assert_eq!(
         app.get("AuditEvent?subtype=create").await.status(),
         403,
