@@ -355,15 +355,8 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
             Ok(())
         }
         AuditCommand::Prove { sequence, size } => {
-            let proof = crate::audit::log::inclusion(&store, sequence, size)
-                .await
-                .map_err(|error| error.to_string())?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&proof).unwrap_or_default()
-            );
-            store.close().await;
-            Ok(())
+            let proof = crate::audit::log::inclusion(&store, sequence, size).await;
+            print_proof(store, proof).await
         }
         AuditCommand::FillSynthetic { records } => {
             if !settings.dev_issuer_enabled()?
@@ -395,17 +388,22 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
             Ok(())
         }
         AuditCommand::Consistency { from, to } => {
-            let proof = crate::audit::log::consistency(&store, from, to)
-                .await
-                .map_err(|error| error.to_string())?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&proof).unwrap_or_default()
-            );
-            store.close().await;
-            Ok(())
+            let proof = crate::audit::log::consistency(&store, from, to).await;
+            print_proof(store, proof).await
         }
     }
+}
+
+async fn print_proof(
+    store: SqlStore,
+    proof: Result<serde_json::Value, String>,
+) -> Result<(), String> {
+    store.close().await;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&proof?).unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// A record shaped like a real read's (same fields and sizes), for the verify benchmark.

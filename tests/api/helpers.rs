@@ -306,13 +306,18 @@ impl TestApp {
             .expect("request")
     }
 
+    /// A direct connection to the test database.
+    async fn connect(&self) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the test database")
+    }
+
     /// Runs one SQL query returning a single integer (tests that inspect the database).
     pub async fn count(&self, sql: &str) -> i64 {
         use sqlx::Row;
-        sqlx::any::install_default_drivers();
-        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
-            .await
-            .expect("connect to the test database");
+        let mut connection = self.connect().await;
         let row = sqlx::query(sql)
             .fetch_one(&mut connection)
             .await
@@ -322,10 +327,7 @@ impl TestApp {
 
     /// Runs one SQL statement directly on the database (tests that tamper with rows).
     pub async fn execute(&self, sql: &str) {
-        sqlx::any::install_default_drivers();
-        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
-            .await
-            .expect("connect to the test database");
+        let mut connection = self.connect().await;
         sqlx::query(sql)
             .execute(&mut connection)
             .await
@@ -334,10 +336,7 @@ impl TestApp {
 
     /// Runs several SQL statements on one connection (e.g. a session setting, then a change).
     pub async fn execute_script(&self, sql: &str) {
-        sqlx::any::install_default_drivers();
-        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
-            .await
-            .expect("connect to the test database");
+        let mut connection = self.connect().await;
         sqlx::raw_sql(sql)
             .execute(&mut connection)
             .await
@@ -346,10 +345,7 @@ impl TestApp {
 
     /// Runs one SQL statement and returns its error, if any.
     pub async fn try_execute(&self, sql: &str) -> Result<(), String> {
-        sqlx::any::install_default_drivers();
-        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
-            .await
-            .expect("connect to the test database");
+        let mut connection = self.connect().await;
         sqlx::raw_sql(sql)
             .execute(&mut connection)
             .await
@@ -376,10 +372,7 @@ impl TestApp {
     /// Runs one SQL query returning text values of the first column.
     pub async fn strings(&self, sql: &str) -> Vec<Option<String>> {
         use sqlx::Row;
-        sqlx::any::install_default_drivers();
-        let mut connection = sqlx::AnyConnection::connect(&self.database_url)
-            .await
-            .expect("connect to the test database");
+        let mut connection = self.connect().await;
         let rows = sqlx::query(sql)
             .fetch_all(&mut connection)
             .await
