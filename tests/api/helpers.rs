@@ -70,7 +70,11 @@ async fn postgres_reachable() -> bool {
         return *known;
     }
     let url = format!("{}/postgres", postgres_server_url());
-    let reachable = sqlx::PgConnection::connect(&url).await.is_ok();
+    let connection = sqlx::PgConnection::connect(&url).await;
+    let reachable = connection.is_ok();
+    if let Ok(mut admin) = connection {
+        drop_leftover_databases(&mut admin).await;
+    }
     if !reachable {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("PostgreSQL at {url} is unreachable and CI=true: PostgreSQL tests may not be skipped");
@@ -80,6 +84,24 @@ async fn postgres_reachable() -> bool {
         );
     }
     *REACHABLE.get_or_init(|| reachable)
+}
+
+/// Drops the databases earlier runs of the suite left behind (each test creates its own), so
+/// that the shared PostgreSQL server does not fill up. Databases still in use are skipped.
+async fn drop_leftover_databases(admin: &mut sqlx::PgConnection) {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'custodian\\_test\\_%' OR datname LIKE 'custodian\\_logs\\_%'",
+    )
+    .fetch_all(&mut *admin)
+    .await
+    .unwrap_or_default();
+    for row in rows {
+        let name: String = row.get(0);
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&mut *admin)
+            .await;
+    }
 }
 
 /// Settings for a test server with a fresh data directory.
