@@ -177,10 +177,7 @@ pub async fn read_event(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let format = negotiate(&query, &headers)?;
-    let permit = app
-        .decide(&principal, Interaction::Read, Some("AuditEvent"))
-        .await?;
-    crate::audit::log::sequence_all(&*app.store).await?;
+    let permit = compliance_permit(&app, &principal, Interaction::Read).await?;
     let not_found = || ApiError::resource_not_found("AuditEvent", &id);
     let sequence: i64 = id.parse().map_err(|_| not_found())?;
     let stored = app
@@ -205,10 +202,7 @@ pub async fn search_events(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let format = negotiate(&query, &headers)?;
-    let permit = app
-        .decide(&principal, Interaction::Search, Some("AuditEvent"))
-        .await?;
-    crate::audit::log::sequence_all(&*app.store).await?;
+    let permit = compliance_permit(&app, &principal, Interaction::Search).await?;
     let audit_query = audit_query(&app, &permit, &query).await?;
     let records = app.store.search_audit(permit.scope(), &audit_query).await?;
     let entries: Vec<Value> = records
@@ -241,10 +235,7 @@ pub async fn disclosures(
     query: QueryParams,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let permit = app
-        .decide(&principal, Interaction::Search, Some("AuditEvent"))
-        .await?;
-    crate::audit::log::sequence_all(&*app.store).await?;
+    let permit = compliance_permit(&app, &principal, Interaction::Search).await?;
     if query.first("patient").is_none() {
         return Err(ApiError::invalid(
             IssueCode::Required,
@@ -304,8 +295,7 @@ pub async fn proof(
     Extension(principal): Caller,
     query: QueryParams,
 ) -> ApiResult<Json<Value>> {
-    app.decide(&principal, Interaction::Read, Some("AuditEvent"))
-        .await?;
+    compliance_permit(&app, &principal, Interaction::Read).await?;
     let number = |name: &str| -> ApiResult<Option<i64>> {
         query
             .first(name)
@@ -316,7 +306,6 @@ pub async fn proof(
             })
             .transpose()
     };
-    crate::audit::log::sequence_all(&*app.store).await?;
     let sequence = number("sequence")?
         .ok_or_else(|| ApiError::invalid(IssueCode::Required, "sequence is required"))?;
     crate::audit::log::inclusion(&*app.store, sequence, number("size")?)
@@ -331,8 +320,7 @@ pub async fn consistency(
     Extension(principal): Caller,
     query: QueryParams,
 ) -> ApiResult<Json<Value>> {
-    app.decide(&principal, Interaction::Read, Some("AuditEvent"))
-        .await?;
+    compliance_permit(&app, &principal, Interaction::Read).await?;
     let number = |name: &str| -> ApiResult<i64> {
         query
             .first(name)
@@ -341,11 +329,24 @@ pub async fn consistency(
                 ApiError::invalid(IssueCode::Value, format!("{name} must be an integer"))
             })
     };
-    crate::audit::log::sequence_all(&*app.store).await?;
     crate::audit::log::consistency(&*app.store, number("from")?, number("to")?)
         .await
         .map(Json)
         .map_err(ApiError::NotFound)
+}
+
+/// The permit of a compliance request (compliance-officer and admin, per policy), once every
+/// committed record has its place in the log, so that answers include all requests so far.
+async fn compliance_permit(
+    app: &super::App,
+    principal: &Arc<Principal>,
+    interaction: Interaction,
+) -> ApiResult<Permit> {
+    let permit = app
+        .decide(principal, interaction, Some("AuditEvent"))
+        .await?;
+    crate::audit::log::sequence_all(&*app.store).await?;
+    Ok(permit)
 }
 
 fn event_tenant(stored: &StoredAudit) -> Option<String> {
