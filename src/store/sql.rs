@@ -31,6 +31,7 @@ enum Backend {
 }
 
 /// A connection pool to SQLite or PostgreSQL.
+#[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
@@ -107,6 +108,170 @@ impl SqlStore {
         };
         self.pool.begin_with(statement).await.map_err(classify)
     }
+
+    async fn write_now(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord> {
+        let deleted = i64::from(write.body.is_none());
+        let mut transaction = self.begin().await?;
+
+        // The head decides the race: a conditional insert or update that touches no row means
+        // another writer moved it first.
+        let head = match write.expected {
+            Expected::Absent => sqlx::query(
+                "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(scope.tenant())
+            .bind(&write.resource_type)
+            .bind(&write.id)
+            .bind(write.version)
+            .bind(deleted),
+            Expected::Version(current) => sqlx::query(
+                "UPDATE resource_heads SET version_id = $4, deleted = $5 \
+                 WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
+            )
+            .bind(scope.tenant())
+            .bind(&write.resource_type)
+            .bind(&write.id)
+            .bind(write.version)
+            .bind(deleted)
+            .bind(current),
+        };
+        let moved = head.execute(&mut *transaction).await.map_err(classify)?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+
+        let compartment = write.compartment;
+
+        let inserted = sqlx::query(
+            "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
+               last_updated_us, deleted, compartment, key_id, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING sequence",
+        )
+        .bind(scope.tenant())
+        .bind(&write.resource_type)
+        .bind(&write.id)
+        .bind(write.version)
+        .bind(write.method.as_str())
+        .bind(micros(write.last_updated))
+        .bind(deleted)
+        .bind(compartment.as_deref())
+        .bind(write.key_id.as_deref())
+        .bind(write.body.as_deref())
+        .fetch_one(&mut *transaction)
+        .await
+        .map_err(classify)?;
+        let sequence: i64 = inserted
+            .try_get("sequence")
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        if let Some(audit) = &write.audit {
+            // The audit record commits with the data, or neither does; a write that cannot be
+            // audited is answered like an unavailable database (503), never written.
+            append_audit_in(&mut transaction, std::slice::from_ref(audit))
+                .await
+                .map_err(|error| {
+                    StoreError::Unavailable(format!("audit append failed: {error}"))
+                })?;
+        }
+        transaction.commit().await.map_err(classify)?;
+
+        Ok(VersionRecord {
+            sequence,
+            resource_type: write.resource_type,
+            id: write.id,
+            version: write.version,
+            method: write.method,
+            // Stored at microsecond precision; hand back exactly what a read will return.
+            last_updated: from_micros(micros(write.last_updated))?,
+            deleted: deleted == 1,
+            body: write.body,
+            compartment,
+            key_id: write.key_id,
+        })
+    }
+
+    async fn append_audit_now(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut transaction = self.begin().await?;
+        let sequences = append_audit_in(&mut transaction, entries).await?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(sequences)
+    }
+
+    async fn sequence_pending_now(&self, limit: i64) -> StoreResult<i64> {
+        let mut transaction = self.begin().await?;
+        // The counter row's lock makes one sequencer at a time, across all processes.
+        let row = sqlx::query(
+            "UPDATE audit_counter SET next_sequence = next_sequence WHERE id = 1 RETURNING next_sequence",
+        )
+        .fetch_one(&mut *transaction)
+        .await
+        .map_err(classify)?;
+        let next: i64 = row
+            .try_get("next_sequence")
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        // Committed records without a place yet, oldest first. A transaction still open may hold
+        // a lower id; it is picked up by a later run. Looking back a bounded distance (10,000 ids:
+        // far more than can be in flight) keeps this cheap on a large log.
+        let pending = sqlx::query(
+            "SELECT r.record_id, r.record FROM audit_records r \
+             WHERE r.record_id > (SELECT COALESCE(MAX(record_id), 0) FROM audit_log) - 10000 \
+               AND NOT EXISTS (SELECT 1 FROM audit_log l WHERE l.record_id = r.record_id) \
+             ORDER BY r.record_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(classify)?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        const ROWS_PER_STATEMENT: usize = 300;
+        for (chunk_index, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|row| format!("(${}, ${}, ${})", row * 3 + 1, row * 3 + 2, row * 3 + 3))
+                .collect();
+            let statement = format!(
+                "INSERT INTO audit_log (sequence, record_id, leaf_hash) VALUES {}",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&statement);
+            for (offset, row) in chunk.iter().enumerate() {
+                let sequence = next + (chunk_index * ROWS_PER_STATEMENT + offset) as i64;
+                let record_id: i64 = row
+                    .try_get("record_id")
+                    .map_err(|error| StoreError::Internal(error.to_string()))?;
+                let record: Vec<u8> = row
+                    .try_get("record")
+                    .map_err(|error| StoreError::Internal(error.to_string()))?;
+                let leaf = crate::audit::log::record_leaf(sequence, &record);
+                query = query.bind(sequence).bind(record_id).bind(leaf.to_vec());
+            }
+            query.execute(&mut *transaction).await.map_err(classify)?;
+        }
+        let count = pending.len() as i64;
+        sqlx::query("UPDATE audit_counter SET next_sequence = $1 WHERE id = 1")
+            .bind(next + count)
+            .execute(&mut *transaction)
+            .await
+            .map_err(classify)?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(count)
+    }
+}
+
+/// Runs a transaction's work in its own task, so that a caller that goes away (a client that
+/// disconnects mid-request) cannot cancel it halfway: a transaction future dropped between its
+/// statements leaves the pooled connection inside a transaction, and every later `BEGIN` on that
+/// connection fails. Detached, the work always ends in a commit or a rollback.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|error| StoreError::Internal(format!("database task failed: {error}")))?
 }
 
 fn create_sqlite_parent_dir(url: &str) -> StoreResult<()> {
@@ -257,84 +422,8 @@ impl Store for SqlStore {
     }
 
     async fn write(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord> {
-        let deleted = i64::from(write.body.is_none());
-        let mut transaction = self.begin().await?;
-
-        // The head decides the race: a conditional insert or update that touches no row means
-        // another writer moved it first.
-        let head = match write.expected {
-            Expected::Absent => sqlx::query(
-                "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(scope.tenant())
-            .bind(&write.resource_type)
-            .bind(&write.id)
-            .bind(write.version)
-            .bind(deleted),
-            Expected::Version(current) => sqlx::query(
-                "UPDATE resource_heads SET version_id = $4, deleted = $5 \
-                 WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
-            )
-            .bind(scope.tenant())
-            .bind(&write.resource_type)
-            .bind(&write.id)
-            .bind(write.version)
-            .bind(deleted)
-            .bind(current),
-        };
-        let moved = head.execute(&mut *transaction).await.map_err(classify)?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::VersionConflict);
-        }
-
-        let compartment = write.compartment;
-
-        let inserted = sqlx::query(
-            "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
-               last_updated_us, deleted, compartment, key_id, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING sequence",
-        )
-        .bind(scope.tenant())
-        .bind(&write.resource_type)
-        .bind(&write.id)
-        .bind(write.version)
-        .bind(write.method.as_str())
-        .bind(micros(write.last_updated))
-        .bind(deleted)
-        .bind(compartment.as_deref())
-        .bind(write.key_id.as_deref())
-        .bind(write.body.as_deref())
-        .fetch_one(&mut *transaction)
-        .await
-        .map_err(classify)?;
-        let sequence: i64 = inserted
-            .try_get("sequence")
-            .map_err(|error| StoreError::Internal(error.to_string()))?;
-        if let Some(audit) = &write.audit {
-            // The audit record commits with the data, or neither does; a write that cannot be
-            // audited is answered like an unavailable database (503), never written.
-            append_audit_in(&mut transaction, std::slice::from_ref(audit))
-                .await
-                .map_err(|error| {
-                    StoreError::Unavailable(format!("audit append failed: {error}"))
-                })?;
-        }
-        transaction.commit().await.map_err(classify)?;
-
-        Ok(VersionRecord {
-            sequence,
-            resource_type: write.resource_type,
-            id: write.id,
-            version: write.version,
-            method: write.method,
-            // Stored at microsecond precision; hand back exactly what a read will return.
-            last_updated: from_micros(micros(write.last_updated))?,
-            deleted: deleted == 1,
-            body: write.body,
-            compartment,
-            key_id: write.key_id,
-        })
+        let (store, scope) = (self.clone(), scope.clone());
+        detached(async move { store.write_now(&scope, write).await }).await
     }
 
     async fn history(
@@ -401,74 +490,13 @@ impl Store for SqlStore {
     }
 
     async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut transaction = self.begin().await?;
-        let sequences = append_audit_in(&mut transaction, entries).await?;
-        transaction.commit().await.map_err(classify)?;
-        Ok(sequences)
+        let (store, entries) = (self.clone(), entries.to_vec());
+        detached(async move { store.append_audit_now(&entries).await }).await
     }
 
     async fn sequence_pending(&self, limit: i64) -> StoreResult<i64> {
-        let mut transaction = self.begin().await?;
-        // The counter row's lock makes one sequencer at a time, across all processes.
-        let row = sqlx::query(
-            "UPDATE audit_counter SET next_sequence = next_sequence WHERE id = 1 RETURNING next_sequence",
-        )
-        .fetch_one(&mut *transaction)
-        .await
-        .map_err(classify)?;
-        let next: i64 = row
-            .try_get("next_sequence")
-            .map_err(|error| StoreError::Internal(error.to_string()))?;
-        // Committed records without a place yet, oldest first. A transaction still open may hold
-        // a lower id; it is picked up by a later run. Looking back a bounded distance (10,000 ids:
-        // far more than can be in flight) keeps this cheap on a large log.
-        let pending = sqlx::query(
-            "SELECT r.record_id, r.record FROM audit_records r \
-             WHERE r.record_id > (SELECT COALESCE(MAX(record_id), 0) FROM audit_log) - 10000 \
-               AND NOT EXISTS (SELECT 1 FROM audit_log l WHERE l.record_id = r.record_id) \
-             ORDER BY r.record_id LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&mut *transaction)
-        .await
-        .map_err(classify)?;
-        if pending.is_empty() {
-            return Ok(0);
-        }
-        const ROWS_PER_STATEMENT: usize = 300;
-        for (chunk_index, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|row| format!("(${}, ${}, ${})", row * 3 + 1, row * 3 + 2, row * 3 + 3))
-                .collect();
-            let statement = format!(
-                "INSERT INTO audit_log (sequence, record_id, leaf_hash) VALUES {}",
-                rows.join(", ")
-            );
-            let mut query = sqlx::query(&statement);
-            for (offset, row) in chunk.iter().enumerate() {
-                let sequence = next + (chunk_index * ROWS_PER_STATEMENT + offset) as i64;
-                let record_id: i64 = row
-                    .try_get("record_id")
-                    .map_err(|error| StoreError::Internal(error.to_string()))?;
-                let record: Vec<u8> = row
-                    .try_get("record")
-                    .map_err(|error| StoreError::Internal(error.to_string()))?;
-                let leaf = crate::audit::log::record_leaf(sequence, &record);
-                query = query.bind(sequence).bind(record_id).bind(leaf.to_vec());
-            }
-            query.execute(&mut *transaction).await.map_err(classify)?;
-        }
-        let count = pending.len() as i64;
-        sqlx::query("UPDATE audit_counter SET next_sequence = $1 WHERE id = 1")
-            .bind(next + count)
-            .execute(&mut *transaction)
-            .await
-            .map_err(classify)?;
-        transaction.commit().await.map_err(classify)?;
-        Ok(count)
+        let store = self.clone();
+        detached(async move { store.sequence_pending_now(limit).await }).await
     }
 
     async fn audit_size(&self) -> StoreResult<i64> {
