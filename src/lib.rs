@@ -22,6 +22,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fhir;
+pub mod search;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

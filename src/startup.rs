@@ -61,6 +61,10 @@ impl Application {
             std::time::Duration::from_secs(settings.keys.cache_max_age_secs),
             std::time::Duration::from_millis(settings.keys.timeout_ms.max(1)),
         ));
+        let registry = crate::search::registry::Registry::load(&settings.profiles_dir, |name| {
+            compartment.is_compartment_type(name)
+        })?;
+        let search = crate::search::Search::new(registry, vault.clone());
         let policy = Arc::new(PolicyEngine::load(&settings.auth.policies_dir).await?);
         policy.clone().watch(settings.auth.policies_dir.clone());
         let listener = TcpListener::bind(settings.listen_addr()?)
@@ -135,7 +139,7 @@ impl Application {
         let audit_query_key =
             crate::audit::log::load_or_create_secret(&settings.audit_query_key_file())?;
         let app = Arc::new(App {
-            capability_statement: capability_statement(&base_url, "2026-11-22"),
+            capability_statement: capability_statement(&base_url, "2026-11-22", &search.registry),
             settings,
             store: store.clone(),
             validator,
@@ -147,6 +151,7 @@ impl Application {
             audit,
             audit_catalog,
             audit_query_key,
+            search,
         });
         Ok(Application {
             listener,

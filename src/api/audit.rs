@@ -74,6 +74,8 @@ pub fn interaction_of(method: &Method, route: &str) -> &'static str {
     let segments = route.trim_start_matches('/').split('/').count();
     match (method.as_str(), route) {
         (_, "/metadata") => "capabilities",
+        ("GET", "/") | ("POST", "/_search") => "search-system",
+        ("POST", route) if route.ends_with("/_search") => "search-type",
         ("GET", "/_history") => "history-system",
         ("GET", route) if route.ends_with("/_history/{version}") => "vread",
         ("GET", route) if route.ends_with("/{id}/_history") => "history-instance",

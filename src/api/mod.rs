@@ -13,6 +13,7 @@ mod history;
 
 pub use history::parse_instant;
 mod read;
+mod search;
 mod update;
 mod vread;
 mod write;
@@ -69,6 +70,8 @@ pub struct App {
     pub audit_catalog: crate::audit::event::Catalog,
     /// The key of the keyed hash of query strings in audit records.
     pub audit_query_key: zeroize::Zeroizing<Vec<u8>>,
+    /// Search parameters and the index's blinding.
+    pub search: crate::search::Search,
 }
 
 /// The axum state: one `App` behind an `Arc`.
@@ -237,6 +240,8 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/health", get(health::live))
         .route("/ready", get(health::ready))
+        .route("/", get(search::search_system))
+        .route("/_search", axum::routing::post(search::search_system_post))
         .route("/_history", get(history::history_system))
         .route("/AuditEvent", get(audit::search_events))
         .route("/AuditEvent/{id}", get(audit::read_event))
@@ -245,11 +250,16 @@ pub fn router(app: AppState) -> Router {
         .route("/_audit/consistency", get(audit::consistency))
         .route(
             "/{resource_type}",
-            axum::routing::post(create::create)
+            get(search::search_type)
+                .post(create::create)
                 .put(update::conditional_update)
                 .delete(delete::conditional_delete),
         )
         .route("/{resource_type}/_history", get(history::history_type))
+        .route(
+            "/{resource_type}/_search",
+            axum::routing::post(search::search_type_post),
+        )
         .route(
             "/{resource_type}/{id}",
             get(read::read).put(update::update).delete(delete::delete),

@@ -8,7 +8,9 @@ use crate::api::App;
 use crate::authz::decision::{Interaction, Permit, ResourceFacts};
 use crate::error::{ApiError, ApiResult};
 use crate::fhir::bundle::instant;
-use crate::store::{Expected, Scope, StoreError, VersionRecord, VersionWrite, WriteMethod};
+use crate::store::{
+    Expected, IndexRows, Scope, StoreError, VersionRecord, VersionWrite, WriteMethod,
+};
 
 /// How often an update without `If-Match` re-reads the head after losing a race before it gives
 /// up with 409. Losing more than a few times in a row means heavy contention on one resource.
@@ -110,7 +112,8 @@ pub async fn put_version(
         }
         let (expected, version) = expectation(current.as_ref(), if_match)?;
         let last_updated = Utc::now();
-        let body = serialize(&stamp(resource.clone(), id, version, last_updated))?;
+        let stamped = stamp(resource.clone(), id, version, last_updated);
+        let body = serialize(&stamped)?;
         let target = Target {
             resource_type,
             id,
@@ -120,7 +123,8 @@ pub async fn put_version(
             last_updated,
         };
         let status = if current.is_none() { 201 } else { 200 };
-        let mut write = sealed_write(app, scope, target, compartment.clone(), &body).await?;
+        let mut write =
+            sealed_write(app, scope, target, compartment.clone(), &stamped, &body).await?;
         write.audit = write_audit(app, &write, status);
         if let Some(mut record) = commit(app, scope, write, if_match).await? {
             mark_audited(&record);
@@ -182,6 +186,7 @@ pub async fn delete_version(
             compartment: current.compartment.clone(),
             key_id: None,
             audit: None,
+            index: IndexRows::default(),
         };
         let write = VersionWrite {
             audit: write_audit(app, &write, 204),
@@ -220,7 +225,8 @@ pub async fn create_new(
         &resource,
     )
     .await?;
-    let body = serialize(&stamp(resource, &id, 1, last_updated))?;
+    let stamped = stamp(resource, &id, 1, last_updated);
+    let body = serialize(&stamped)?;
     let target = Target {
         resource_type,
         id: &id,
@@ -229,7 +235,7 @@ pub async fn create_new(
         method: WriteMethod::Post,
         last_updated,
     };
-    let mut write = sealed_write(app, scope, target, compartment, &body).await?;
+    let mut write = sealed_write(app, scope, target, compartment, &stamped, &body).await?;
     write.audit = write_audit(app, &write, 201);
     let mut record = app.store.write(scope, write).await?;
     mark_audited(&record);
@@ -296,8 +302,15 @@ async fn sealed_write(
     scope: &Scope,
     target: Target<'_>,
     compartment: Option<String>,
+    resource: &Value,
     body: &[u8],
 ) -> ApiResult<VersionWrite> {
+    // The index is computed before sealing: it needs the plaintext, and only its blinded or
+    // non-identifying terms reach the database.
+    let index = app
+        .search
+        .index_rows(scope, target.resource_type, resource)
+        .await?;
     let sealed = app
         .vault
         .seal(
@@ -320,6 +333,7 @@ async fn sealed_write(
         compartment,
         key_id: Some(sealed.key_id),
         audit: None,
+        index,
     })
 }
 

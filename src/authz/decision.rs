@@ -69,7 +69,8 @@ impl Interaction {
 }
 
 /// Permission to perform one interaction on one resource type, subject to per-resource checks.
-/// Only [`Decider::decide`] makes one.
+/// Only [`Decider::decide`] makes one (copies of it carry the same decision).
+#[derive(Clone)]
 pub struct Permit {
     principal: Arc<Principal>,
     interaction: Interaction,
@@ -98,6 +99,11 @@ impl Permit {
     /// The caller, shared (to decide a further interaction in the same request).
     pub fn principal_arc(&self) -> &Arc<Principal> {
         &self.principal
+    }
+
+    /// The resource type permitted (`None` for the system level).
+    pub fn resource_type(&self) -> Option<&str> {
+        self.resource_type.as_deref()
     }
 
     /// The interaction permitted.

@@ -139,6 +139,21 @@ impl Vault {
         }
     }
 
+    /// A key for `purpose` derived from the tenant's data key (HKDF-SHA256, the purpose as
+    /// info), e.g. the search index key: it is as protected as the data key, which only the
+    /// KMS can unwrap, and never stored.
+    ///
+    /// # Errors
+    /// 503-class when the provider or the database is unavailable.
+    pub async fn derived_key(&self, scope: &Scope, purpose: &str) -> VaultResult<DataKey> {
+        let (_, key) = self.compartment_key(scope, None).await?;
+        let mut derived = zeroize::Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<sha2::Sha256>::new(None, key.as_slice())
+            .expand(purpose.as_bytes(), derived.as_mut_slice())
+            .map_err(|_| CryptoError::Internal("HKDF output length".into()))?;
+        Ok(derived)
+    }
+
     /// The data key of a compartment (or the tenant), made on first use.
     async fn compartment_key(
         &self,

@@ -3,6 +3,9 @@
 
 use serde_json::{json, Value};
 
+use crate::search::registry::{ParamDef, Registry};
+use crate::search::values::SearchType;
+
 /// Resource types this server accepts at its RESTful endpoints: every R4 type fhirbolt models,
 /// except those the specification or this server does not persist through the REST API.
 pub fn served_resource_types() -> impl Iterator<Item = &'static str> {
@@ -22,7 +25,7 @@ pub fn is_served(name: &str) -> bool {
 }
 
 /// The CapabilityStatement for a server at `base_url`.
-pub fn capability_statement(base_url: &str, released: &str) -> Value {
+pub fn capability_statement(base_url: &str, released: &str, registry: &Registry) -> Value {
     let interactions = [
         "read",
         "vread",
@@ -31,11 +34,22 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
         "history-instance",
         "history-type",
         "create",
+        "search-type",
     ];
+    let parameter = |definition: &ParamDef| json!({ "name": definition.code, "type": definition.search_type.as_str() });
     let mut resources: Vec<Value> = served_resource_types()
         .map(|name| {
+            let mut parameters: Vec<&std::sync::Arc<ParamDef>> = registry.own_of(name).collect();
+            parameters.sort_by(|a, b| a.code.cmp(&b.code));
+            let includes: Vec<String> = parameters
+                .iter()
+                .filter(|definition| definition.search_type == SearchType::Reference)
+                .map(|definition| format!("{name}:{}", definition.code))
+                .collect();
             json!({
                 "type": name,
+                "searchParam": parameters.iter().map(|definition| parameter(definition)).collect::<Vec<_>>(),
+                "searchInclude": includes,
                 "interaction": interactions.iter().map(|code| json!({ "code": code })).collect::<Vec<_>>(),
                 "versioning": "versioned-update",
                 "readHistory": true,
@@ -61,6 +75,11 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
             { "name": "entity", "type": "reference" }
         ]
     }));
+    let mut common: Vec<Value> = registry
+        .common()
+        .map(|definition| parameter(definition))
+        .collect();
+    common.sort_by_key(|value| value["name"].as_str().map(str::to_string));
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -76,7 +95,8 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
         "format": ["application/fhir+json", "application/fhir+xml"],
         "rest": [{
             "mode": "server",
-            "documentation": "Conditional create, update and delete match on _id and identifier only.",
+            "documentation": "Search: every R4 search parameter, evaluated on decrypted resources; \
+                identifying values are indexed only as keyed blind indexes (see README, Search).",
             "security": {
                 "service": [{ "coding": [{
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
@@ -86,7 +106,8 @@ pub fn capability_statement(base_url: &str, released: &str) -> Value {
                     see /.well-known/smart-configuration"
             },
             "resource": resources,
-            "interaction": [{ "code": "history-system" }]
+            "interaction": [{ "code": "history-system" }, { "code": "search-system" }],
+            "searchParam": common
         }]
     })
 }

@@ -117,6 +117,66 @@ pub struct VersionWrite {
     pub key_id: Option<String>,
     /// The request's audit record, appended in the same transaction as the data.
     pub audit: Option<AuditEntry>,
+    /// The search index rows of this version; they replace the resource's previous rows in the
+    /// same transaction (a deletion has none, so its rows go).
+    pub index: IndexRows,
+}
+
+/// The search index rows of one resource version (see `migrations/*/0004_search.sql`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IndexRows {
+    /// `(parameter, term)`: tokens, references, uris, strings and blinded values.
+    pub terms: Vec<(String, String)>,
+    /// `(parameter, low, high)`: a date range in microseconds since the epoch.
+    pub dates: Vec<(String, i64, i64)>,
+    /// `(parameter, low, high)`: the precision range of a number or quantity.
+    pub numbers: Vec<(String, f64, f64)>,
+}
+
+/// Bounds on a stored range `[low, high)`; every bound given must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RangeBounds<T> {
+    pub low_at_least: Option<T>,
+    pub low_below: Option<T>,
+    pub high_above: Option<T>,
+    pub high_at_most: Option<T>,
+}
+
+/// One narrowing condition of a candidate query. Each is a superset of what it stands for:
+/// the engine re-checks every candidate on the decrypted resource.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CandidateFilter {
+    /// The resource id is one of these.
+    Ids(Vec<String>),
+    /// The parameter has one of these terms.
+    Terms { param: String, terms: Vec<String> },
+    /// The parameter has a term starting with one of these (plaintext strings and uris).
+    TermPrefixes {
+        param: String,
+        prefixes: Vec<String>,
+    },
+    /// The parameter has a date range within one of these bounds.
+    Dates {
+        param: String,
+        any_of: Vec<RangeBounds<i64>>,
+    },
+    /// The parameter has a number range within one of these bounds.
+    Numbers {
+        param: String,
+        any_of: Vec<RangeBounds<f64>>,
+    },
+    /// The parameter has no value at all (`:missing=true`).
+    Missing { param: String },
+}
+
+/// Candidates of a search: current, not deleted resources of the given types (all types when
+/// empty) that pass every filter, in (type, id) order, after a keyset position.
+#[derive(Debug, Clone, Default)]
+pub struct CandidateQuery {
+    pub resource_types: Vec<String>,
+    pub filters: Vec<CandidateFilter>,
+    pub after: Option<(String, String)>,
+    pub limit: usize,
 }
 
 /// A data key as stored: wrapped by a KEK, never in clear.
@@ -406,5 +466,27 @@ pub trait Store: Send + Sync + 'static {
         resource_type: &str,
         after_id: Option<&str>,
         limit: usize,
+    ) -> StoreResult<Vec<VersionRecord>>;
+
+    /// The `(type, id)` of the resources that may match a search (see [`CandidateQuery`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn search_candidates(
+        &self,
+        scope: &Scope,
+        query: &CandidateQuery,
+    ) -> StoreResult<Vec<(String, String)>>;
+
+    /// The current versions of these resources of one type (deleted ones included, unknown ids
+    /// left out), in no particular order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn read_current_many(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        ids: &[String],
     ) -> StoreResult<Vec<VersionRecord>>;
 }

@@ -16,8 +16,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditEntry, AuditQuery, Checkpoint, Expected, HistoryQuery, Scope, Store, StoreError,
-    StoreResult, StoredAudit, StoredDataKey, VersionRecord, VersionWrite, WriteMethod,
+    AuditEntry, AuditQuery, CandidateFilter, CandidateQuery, Checkpoint, Expected, HistoryQuery,
+    IndexRows, RangeBounds, Scope, Store, StoreError, StoreResult, StoredAudit, StoredDataKey,
+    VersionRecord, VersionWrite, WriteMethod,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -164,6 +165,14 @@ impl SqlStore {
         let sequence: i64 = inserted
             .try_get("sequence")
             .map_err(|error| StoreError::Internal(error.to_string()))?;
+        replace_index_in(
+            &mut transaction,
+            scope,
+            &write.resource_type,
+            &write.id,
+            &write.index,
+        )
+        .await?;
         if let Some(audit) = &write.audit {
             // The audit record commits with the data, or neither does; a write that cannot be
             // audited is answered like an unavailable database (503), never written.
@@ -807,6 +816,351 @@ impl Store for SqlStore {
             .map_err(classify)?;
         rows.iter().map(decode).collect()
     }
+
+    async fn search_candidates(
+        &self,
+        scope: &Scope,
+        query: &CandidateQuery,
+    ) -> StoreResult<Vec<(String, String)>> {
+        let (statement, binds) = candidate_statement(scope, query);
+        let rows = bind_all(sqlx::query(&statement), binds)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("resource_type")
+                        .map_err(|error| StoreError::Internal(error.to_string()))?,
+                    row.try_get("resource_id")
+                        .map_err(|error| StoreError::Internal(error.to_string()))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn read_current_many(
+        &self,
+        scope: &Scope,
+        resource_type: &str,
+        ids: &[String],
+    ) -> StoreResult<Vec<VersionRecord>> {
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(MAX_LIST_BINDS) {
+            let list = placeholders(3, chunk.len());
+            let statement = format!(
+                "SELECT {VERSION_COLUMNS} FROM resource_heads h \
+                 JOIN resource_versions v ON v.tenant = h.tenant AND v.resource_type = h.resource_type \
+                  AND v.resource_id = h.resource_id AND v.version_id = h.version_id \
+                 WHERE h.tenant = $1 AND h.resource_type = $2 AND h.resource_id IN ({list})"
+            );
+            let mut sql = sqlx::query(&statement)
+                .bind(scope.tenant())
+                .bind(resource_type);
+            for id in chunk {
+                sql = sql.bind(id.as_str());
+            }
+            let rows = sql.fetch_all(&self.pool).await.map_err(classify)?;
+            for row in &rows {
+                records.push(decode(row)?);
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// Most values bound in one `IN (…)` list (SQLite allows 32,766 parameters per statement).
+const MAX_LIST_BINDS: usize = 500;
+
+/// `$first, $first+1, …` for `count` values.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|number| format!("${number}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A value bound to a statement built at run time.
+enum Bind {
+    Text(String),
+    Integer(i64),
+    Real(f64),
+}
+
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for bind in binds {
+        query = match bind {
+            Bind::Text(text) => query.bind(text),
+            Bind::Integer(number) => query.bind(number),
+            Bind::Real(number) => query.bind(number),
+        };
+    }
+    query
+}
+
+/// Collects binds and hands out their placeholders.
+#[derive(Default)]
+struct Binds(Vec<Bind>);
+
+impl Binds {
+    fn push(&mut self, bind: Bind) -> String {
+        self.0.push(bind);
+        format!("${}", self.0.len())
+    }
+    fn text(&mut self, text: &str) -> String {
+        self.push(Bind::Text(text.to_string()))
+    }
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern, so client text matches literally.
+fn like_prefix(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for character in prefix.chars() {
+        if matches!(character, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(character);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// The SQL of a candidate query. Every client value is bound, never spliced into the text.
+fn candidate_statement(scope: &Scope, query: &CandidateQuery) -> (String, Vec<Bind>) {
+    let mut binds = Binds::default();
+    let tenant = binds.text(scope.tenant());
+    let mut conditions = vec![format!("h.tenant = {tenant}"), "h.deleted = 0".to_string()];
+    if !query.resource_types.is_empty() {
+        let types: Vec<String> = query
+            .resource_types
+            .iter()
+            .map(|name| binds.text(name))
+            .collect();
+        conditions.push(format!("h.resource_type IN ({})", types.join(", ")));
+    }
+    if let Some((after_type, after_id)) = &query.after {
+        let after_type = binds.text(after_type);
+        let after_id = binds.text(after_id);
+        conditions.push(format!(
+            "(h.resource_type > {after_type} OR (h.resource_type = {after_type} AND h.resource_id > {after_id}))"
+        ));
+    }
+    for filter in &query.filters {
+        conditions.push(filter_condition(&tenant, filter, &mut binds));
+    }
+    let limit = binds.push(Bind::Integer(
+        i64::try_from(query.limit).unwrap_or(i64::MAX),
+    ));
+    let statement = format!(
+        "SELECT h.resource_type, h.resource_id FROM resource_heads h WHERE {} \
+         ORDER BY h.resource_type, h.resource_id LIMIT {limit}",
+        conditions.join(" AND ")
+    );
+    (statement, binds.0)
+}
+
+/// One filter as a condition on the head row `h`: `(type, id) IN (index rows that qualify)`.
+fn filter_condition(tenant: &str, filter: &CandidateFilter, binds: &mut Binds) -> String {
+    let rows_of = |table: &str, param: &str, condition: String| {
+        format!(
+            "(h.resource_type, h.resource_id) IN (SELECT x.resource_type, x.resource_id FROM {table} x \
+             WHERE x.tenant = {tenant} AND x.param = {param} AND ({condition}))"
+        )
+    };
+    match filter {
+        CandidateFilter::Ids(ids) => {
+            if ids.is_empty() {
+                return "1 = 0".into();
+            }
+            let list: Vec<String> = ids.iter().map(|id| binds.text(id)).collect();
+            format!("h.resource_id IN ({})", list.join(", "))
+        }
+        CandidateFilter::Terms { param, terms } => {
+            if terms.is_empty() {
+                return "1 = 0".into();
+            }
+            let param = binds.text(param);
+            let list: Vec<String> = terms.iter().map(|term| binds.text(term)).collect();
+            rows_of(
+                "search_terms",
+                &param,
+                format!("x.term IN ({})", list.join(", ")),
+            )
+        }
+        CandidateFilter::TermPrefixes { param, prefixes } => {
+            if prefixes.is_empty() {
+                return "1 = 0".into();
+            }
+            let param = binds.text(param);
+            let alternatives: Vec<String> = prefixes
+                .iter()
+                .map(|prefix| {
+                    format!(
+                        "x.term LIKE {} ESCAPE '\\'",
+                        binds.text(&like_prefix(prefix))
+                    )
+                })
+                .collect();
+            rows_of("search_terms", &param, alternatives.join(" OR "))
+        }
+        CandidateFilter::Dates { param, any_of } => {
+            let param = binds.text(param);
+            let alternatives = range_alternatives(any_of, binds, Bind::Integer);
+            rows_of("search_dates", &param, alternatives)
+        }
+        CandidateFilter::Numbers { param, any_of } => {
+            let param = binds.text(param);
+            let alternatives = range_alternatives(any_of, binds, Bind::Real);
+            rows_of("search_numbers", &param, alternatives)
+        }
+        CandidateFilter::Missing { param } => {
+            // Every parameter with a value has a presence term, whatever its type.
+            let param = binds.text(param);
+            let present = binds.text(PRESENCE_TERM);
+            format!(
+                "(h.resource_type, h.resource_id) NOT IN (SELECT x.resource_type, x.resource_id FROM search_terms x \
+                 WHERE x.tenant = {tenant} AND x.param = {param} AND x.term = {present})"
+            )
+        }
+    }
+}
+
+/// The term every indexed parameter with at least one value carries, for `:missing`.
+pub const PRESENCE_TERM: &str = "?";
+
+fn range_alternatives<T: Copy>(
+    any_of: &[RangeBounds<T>],
+    binds: &mut Binds,
+    bind: impl Fn(T) -> Bind,
+) -> String {
+    if any_of.is_empty() {
+        return "1 = 0".into();
+    }
+    let alternatives: Vec<String> = any_of
+        .iter()
+        .map(|bounds| {
+            let mut parts = Vec::new();
+            if let Some(value) = bounds.low_at_least {
+                parts.push(format!("x.low >= {}", binds.push(bind(value))));
+            }
+            if let Some(value) = bounds.low_below {
+                parts.push(format!("x.low < {}", binds.push(bind(value))));
+            }
+            if let Some(value) = bounds.high_above {
+                parts.push(format!("x.high > {}", binds.push(bind(value))));
+            }
+            if let Some(value) = bounds.high_at_most {
+                parts.push(format!("x.high <= {}", binds.push(bind(value))));
+            }
+            if parts.is_empty() {
+                "1 = 1".to_string()
+            } else {
+                format!("({})", parts.join(" AND "))
+            }
+        })
+        .collect();
+    alternatives.join(" OR ")
+}
+
+/// Replaces the index rows of one resource inside the write's transaction.
+async fn replace_index_in(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scope: &Scope,
+    resource_type: &str,
+    id: &str,
+    rows: &IndexRows,
+) -> StoreResult<()> {
+    for table in ["search_terms", "search_dates", "search_numbers"] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3"
+        ))
+        .bind(scope.tenant())
+        .bind(resource_type)
+        .bind(id)
+        .execute(&mut **transaction)
+        .await
+        .map_err(classify)?;
+    }
+    // Many rows per statement; 5 columns each, well under SQLite's parameter limit.
+    const ROWS_PER_STATEMENT: usize = 300;
+    for chunk in rows.terms.chunks(ROWS_PER_STATEMENT) {
+        let mut binds = Binds::default();
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(param, term)| {
+                format!(
+                    "({}, {}, {}, {}, {})",
+                    binds.text(scope.tenant()),
+                    binds.text(resource_type),
+                    binds.text(id),
+                    binds.text(param),
+                    binds.text(term)
+                )
+            })
+            .collect();
+        let statement = format!(
+            "INSERT INTO search_terms (tenant, resource_type, resource_id, param, term) VALUES {}",
+            values.join(", ")
+        );
+        bind_all(sqlx::query(&statement), binds.0)
+            .execute(&mut **transaction)
+            .await
+            .map_err(classify)?;
+    }
+    for chunk in rows.dates.chunks(ROWS_PER_STATEMENT) {
+        let mut binds = Binds::default();
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(param, low, high)| {
+                format!(
+                    "({}, {}, {}, {}, {}, {})",
+                    binds.text(scope.tenant()),
+                    binds.text(resource_type),
+                    binds.text(id),
+                    binds.text(param),
+                    binds.push(Bind::Integer(*low)),
+                    binds.push(Bind::Integer(*high))
+                )
+            })
+            .collect();
+        let statement = format!(
+            "INSERT INTO search_dates (tenant, resource_type, resource_id, param, low, high) VALUES {}",
+            values.join(", ")
+        );
+        bind_all(sqlx::query(&statement), binds.0)
+            .execute(&mut **transaction)
+            .await
+            .map_err(classify)?;
+    }
+    for chunk in rows.numbers.chunks(ROWS_PER_STATEMENT) {
+        let mut binds = Binds::default();
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(param, low, high)| {
+                format!(
+                    "({}, {}, {}, {}, {}, {})",
+                    binds.text(scope.tenant()),
+                    binds.text(resource_type),
+                    binds.text(id),
+                    binds.text(param),
+                    binds.push(Bind::Real(*low)),
+                    binds.push(Bind::Real(*high))
+                )
+            })
+            .collect();
+        let statement = format!(
+            "INSERT INTO search_numbers (tenant, resource_type, resource_id, param, low, high) VALUES {}",
+            values.join(", ")
+        );
+        bind_all(sqlx::query(&statement), binds.0)
+            .execute(&mut **transaction)
+            .await
+            .map_err(classify)?;
+    }
+    Ok(())
 }
 
 /// Inserts audit records inside an open transaction (a write's own, or a group commit's). No

@@ -51,7 +51,7 @@ async fn conditional_create_is_idempotent(app: TestApp) {
     let outcome: Value = ambiguous.json().await.unwrap();
     assert_eq!(outcome["issue"][0]["code"], "multiple-matches");
     // Unsupported criteria are refused, not ignored.
-    let unsupported = post_if_none_exist(&app, &resource, "name=Doe").await;
+    let unsupported = post_if_none_exist(&app, &resource, "no-such-parameter=Doe").await;
     assert_eq!(unsupported.status(), 400);
     let count = app
         .count("SELECT COUNT(*) FROM resource_versions WHERE resource_type = 'Patient'")
