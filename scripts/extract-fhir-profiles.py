@@ -219,6 +219,11 @@ def build_elements(sds: list[dict], release_vs: set[str]) -> tuple[dict, dict]:
             vs = required_vs(el)
             if vs:
                 entry["b"] = strip_version(vs)
+            # _summary=true keeps the elements marked isSummary (and the mandatory ones).
+            if el.get("isSummary"):
+                entry["s"] = 1
+            if el.get("min", 0) > 0:
+                entry["m"] = 1
             elements[path] = entry
     return kinds, elements
 
@@ -357,8 +362,9 @@ def main() -> int:
             "contained/inline resources; FHIRPath System.* types such as Element.id are given as "
             "their FHIR type, e.g. 'string'; Resource.id is 'id' as defined on Resource), or "
             "r = contentReference ('#Questionnaire.item') in place of t; and b = canonical URL "
-            "(version stripped) of the value set when the binding strength is required. Type roots "
-            "(e.g. 'Patient') are not listed as elements."
+            "(version stripped) of the value set when the binding strength is required; s = 1 when "
+            "the element is part of the summary (isSummary), m = 1 when it is mandatory (min > 0). "
+            "Type roots (e.g. 'Patient') are not listed as elements."
         ),
         "_notes": notes,
         "types": dict(sorted(kinds.items())),

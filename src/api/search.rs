@@ -256,15 +256,20 @@ fn entry(app: &App, found: Found, mode: &str, parsed: &ParsedQuery) -> Value {
         "{}/{}/{}",
         app.base_url, found.record.resource_type, found.record.id
     );
-    let resource = shape(found.resource, parsed);
+    let resource = shape(app, found.resource, parsed);
     json!({ "fullUrl": full_url, "resource": resource, "search": { "mode": mode } })
 }
 
 /// Applies `_summary` and `_elements`: a resource shown in part carries the SUBSETTED tag.
-fn shape(resource: Value, parsed: &ParsedQuery) -> Value {
+fn shape(app: &App, resource: Value, parsed: &ParsedQuery) -> Value {
     let Value::Object(mut object) = resource else {
         return resource;
     };
+    let resource_type = object
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let subsetted = match (&parsed.control.elements, &parsed.control.summary) {
         (Some(elements), _) => {
             let keep = |name: &str| {
@@ -275,6 +280,16 @@ fn shape(resource: Value, parsed: &ParsedQuery) -> Value {
             true
         }
         (None, Some(SummaryMode::Data)) => object.remove("text").is_some(),
+        // The summary elements of the type (top level; a kept element keeps its children).
+        (None, Some(SummaryMode::True)) => {
+            let registry = &app.search.registry;
+            let before = object.len();
+            object.retain(|name, _| {
+                matches!(name.as_str(), "resourceType" | "id" | "meta")
+                    || registry.in_summary(&resource_type, name)
+            });
+            object.len() != before
+        }
         (None, Some(SummaryMode::Text)) => {
             object
                 .retain(|name, _| matches!(name.as_str(), "resourceType" | "id" | "meta" | "text"));

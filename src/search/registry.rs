@@ -47,6 +47,9 @@ pub struct Registry {
     by_type: HashMap<String, HashMap<String, Arc<ParamDef>>>,
     /// Parameters defined on `Resource` (and `DomainResource`): `_id`, `_lastUpdated`, …
     common: HashMap<String, Arc<ParamDef>>,
+    /// Top-level elements `_summary=true` keeps, by resource type: those the specification
+    /// marks isSummary, and the mandatory ones. A name ending in `[x]` is a choice stem.
+    summary: HashMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -90,7 +93,10 @@ impl Registry {
             .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
         let document: Document = serde_json::from_str(&text)
             .map_err(|error| format!("{} is not valid: {error}", file.display()))?;
-        let mut registry = Registry::default();
+        let mut registry = Registry {
+            summary: summary_elements(profiles_dir)?,
+            ..Registry::default()
+        };
         for raw in document.parameters {
             // Parameters without an expression (_content, _query, _text…) are not served.
             let Some(expression_text) = &raw.expression else {
@@ -174,6 +180,19 @@ impl Registry {
             .flat_map(|parameters| parameters.values())
     }
 
+    /// Whether `_summary=true` keeps the top-level element `name` (as in JSON: `valueQuantity`
+    /// for `value[x]`) of a `resource_type`.
+    pub fn in_summary(&self, resource_type: &str, name: &str) -> bool {
+        self.summary.get(resource_type).is_some_and(|names| {
+            names.iter().any(|kept| match kept.strip_suffix("[x]") {
+                Some(stem) => name
+                    .strip_prefix(stem)
+                    .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())),
+                None => kept == name,
+            })
+        })
+    }
+
     /// The common parameters (`_id`, `_lastUpdated`, `_tag`, `_profile`, `_security`, `_source`).
     pub fn common(&self) -> impl Iterator<Item = &Arc<ParamDef>> {
         self.common.values()
@@ -193,6 +212,37 @@ impl ParameterLookup for Registry {
                 .collect(),
         })
     }
+}
+
+/// The summary elements of every type, from `r4-elements.json` (`s`/`m` flags).
+fn summary_elements(profiles_dir: &Path) -> Result<HashMap<String, Vec<String>>, String> {
+    let file = profiles_dir.join("r4-elements.json");
+    let text = std::fs::read_to_string(&file)
+        .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
+    let document: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|error| format!("{} is not valid: {error}", file.display()))?;
+    let mut summary: HashMap<String, Vec<String>> = HashMap::new();
+    if let Some(elements) = document
+        .get("elements")
+        .and_then(serde_json::Value::as_object)
+    {
+        for (path, definition) in elements {
+            let Some((resource_type, name)) = path.split_once('.') else {
+                continue;
+            };
+            if name.contains('.') {
+                continue;
+            }
+            let flagged = |flag: &str| definition.get(flag).is_some();
+            if flagged("s") || flagged("m") {
+                summary
+                    .entry(resource_type.to_string())
+                    .or_default()
+                    .push(name.to_string());
+            }
+        }
+    }
+    Ok(summary)
 }
 
 /// Whether values of this parameter identify a person (HIPAA's identifiers: names, addresses,

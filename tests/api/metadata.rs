@@ -21,12 +21,45 @@ async fn capability_statement_matches_behaviour(app: TestApp) {
         .map(|interaction| interaction["code"].as_str().unwrap())
         .collect();
     assert!(interactions.contains(&"vread") && interactions.contains(&"history-type"));
-    assert!(
-        !interactions.contains(&"search-type"),
-        "search is not implemented yet"
-    );
-    // Search is not claimed, and not served.
-    assert_eq!(app.get("Patient").await.status(), 405);
+    assert!(interactions.contains(&"search-type"));
+    // Every declared search parameter of Patient is accepted by the server (none is ignored
+    // and reported), and each claimed reference parameter is a valid _include.
+    let parameters: Vec<&str> = patient["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|parameter| parameter["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "name",
+        "birthdate",
+        "identifier",
+        "general-practitioner",
+        "organization",
+    ] {
+        assert!(parameters.contains(&name), "{name} is declared");
+    }
+    for name in &parameters {
+        let value = match *name {
+            "birthdate" | "death-date" => "2000-01-01",
+            "general-practitioner" | "organization" | "link" => "Practitioner/x",
+            _ => "x",
+        };
+        let bundle = app
+            .get_json(&format!("Patient?{name}={value}&_count=1"), 200)
+            .await;
+        let outcome = bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|entry| entry["search"]["mode"] == "outcome");
+        assert!(!outcome, "declared parameter {name} was ignored");
+    }
+    for include in patient["searchInclude"].as_array().unwrap() {
+        let include = include.as_str().unwrap();
+        app.get_json(&format!("Patient?_include={include}&_count=1"), 200)
+            .await;
+    }
     // AuditEvent: read and search by compliance roles, never written through the API.
     let audit_event = resources
         .iter()
