@@ -46,10 +46,8 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
                 .filter(|definition| definition.search_type == SearchType::Reference)
                 .map(|definition| format!("{name}:{}", definition.code))
                 .collect();
-            json!({
+            let mut entry = json!({
                 "type": name,
-                "searchParam": parameters.iter().map(|definition| parameter(definition)).collect::<Vec<_>>(),
-                "searchInclude": includes,
                 "interaction": interactions.iter().map(|code| json!({ "code": code })).collect::<Vec<_>>(),
                 "versioning": "versioned-update",
                 "readHistory": true,
@@ -58,7 +56,15 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": true,
                 "conditionalDelete": "single",
-            })
+            });
+            // FHIR forbids empty arrays (and the XML writer rejects them).
+            if !parameters.is_empty() {
+                entry["searchParam"] = parameters.iter().map(|definition| parameter(definition)).collect();
+            }
+            if !includes.is_empty() {
+                entry["searchInclude"] = json!(includes);
+            }
+            entry
         })
         .collect();
     // AuditEvents are written only by the server's audit log; compliance roles read and search.
