@@ -101,6 +101,14 @@ async fn form_parameters(
     let bytes = read_body(headers, body, app.settings.max_body_bytes).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::invalid(IssueCode::Processing, "the form body is not UTF-8"))?;
+    // The audit record keeps a keyed hash of the parameters, as it does for a GET's query.
+    let text_for_audit = text.to_string();
+    super::audit::note(move |context| {
+        context.query = Some(match context.query.take() {
+            Some(url_query) => format!("{url_query}&{text_for_audit}"),
+            None => text_for_audit,
+        })
+    });
     let mut pairs = query.0;
     pairs.extend(QueryParams::parse(text).0);
     Ok(pairs)

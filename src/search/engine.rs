@@ -33,6 +33,8 @@ use crate::store::{CandidateFilter, CandidateQuery, RangeBounds, Scope, VersionR
 
 /// Candidates read from the index per step.
 const CHUNK: usize = 200;
+/// The smallest first step.
+const MIN_CHUNK: usize = 16;
 /// Most candidates one search may decrypt and re-check; beyond it the search is refused as too
 /// broad (400) rather than answered slowly or partially.
 pub const MAX_EVALUATED: usize = 50_000;
@@ -385,6 +387,8 @@ impl<'a> Search<'a> {
         limit: usize,
     ) -> ApiResult<(Vec<Found>, bool)> {
         let filters = self.filters(checks);
+        // A first page decrypts about what it shows, not a whole chunk.
+        let mut chunk = limit.clamp(MIN_CHUNK, CHUNK);
         let mut matches = Vec::new();
         let mut evaluated = 0usize;
         loop {
@@ -397,7 +401,7 @@ impl<'a> Search<'a> {
                         resource_types: types.to_vec(),
                         filters: filters.clone(),
                         after: after.clone(),
-                        limit: CHUNK,
+                        limit: chunk,
                     },
                 )
                 .await?;
@@ -413,7 +417,10 @@ impl<'a> Search<'a> {
                 ),
                 ));
             }
-            let exhausted = candidates.len() < CHUNK;
+            let exhausted = candidates.len() < chunk;
+            // Later steps read full chunks: the first one was sized for a page that the
+            // re-check or the access decision thinned out.
+            chunk = CHUNK;
             for found in self.open_all(candidates).await? {
                 if checks.iter().all(|check| passes(check, &found)) {
                     matches.push(found);
