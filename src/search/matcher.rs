@@ -24,12 +24,10 @@
 //!   server's) or with the same base. `:identifier` compares Reference.identifier as a token.
 //! - **date**, ranges `[low, high)`: `eq` the value's range lies inside the query's; `ne` not
 //!   that; `gt` the value extends past the query's end; `lt` it starts before the query's start;
-//!   `ge` it ends after the query's start; `le` it starts before the query's end; `sa` it starts
-//!   at or after the query's end; `eb` it ends at or before the query's start; `ap` it overlaps
-//!   the query's range widened on both sides by 10 % of the time between now and the query's
-//!   start (R4's recommendation). `ge` and `le` thus include values that straddle the query's
-//!   start (or end), a reading wider than R4's literal text but the one that keeps
-//!   `ge` = `gt` or overlapping.
+//!   `ge` is `gt` or `eq` and `le` is `lt` or `eq` (R4's prefix table: a value that straddles
+//!   the query's start is neither); `sa` it starts at or after the query's end; `eb` it ends at
+//!   or before the query's start; `ap` it overlaps the query's range widened on both sides by
+//!   10 % of the time between now and the query's start (R4's recommendation).
 //! - **number** and **quantity**: `eq` the value lies in the query's precision range (`100`
 //!   covers `[99.5, 100.5)`); `ne` not that; `gt` `lt` `ge` `le` compare the value with the
 //!   query's number, `sa` and `eb` as `gt` and `lt`; `ap` is `eq` or within 10 % of the query's
@@ -296,8 +294,10 @@ fn date_fits(
         Prefix::Ne => !inside,
         Prefix::Gt => value_high > query_high,
         Prefix::Lt => value_low < query_low,
-        Prefix::Ge => value_high > query_low,
-        Prefix::Le => value_low < query_high,
+        // R4's table: ge is gt or eq, le is lt or eq (a value that straddles the start of
+        // the searched range is neither).
+        Prefix::Ge => value_high > query_high || inside,
+        Prefix::Le => value_low < query_low || inside,
         Prefix::Sa => value_low >= query_high,
         Prefix::Eb => value_high <= query_low,
         Prefix::Ap => {
@@ -910,19 +910,21 @@ mod tests {
             ("date", "lt2013-01-14", day.clone(), false),
             ("date", "lt1900", until_mid_2013.clone(), true),
             ("date", "lt2012", from_2013.clone(), false),
-            // ge: the value ends after the query's start.
+            // ge: gt or eq (R4's prefix table); a value straddling the query's start is neither.
             ("date", "ge2013-01-14", day.clone(), true),
+            ("date", "ge2013-01-13", day.clone(), true),
             ("date", "ge2013-01-15", day.clone(), false),
-            ("date", "ge2013-01-14T23:59", day.clone(), true),
-            ("date", "ge2013", straddling_2013.clone(), true),
-            ("date", "ge2013-06-01", straddling_2013.clone(), true),
+            ("date", "ge2013-01-14T23:59", day.clone(), false),
+            ("date", "ge2013", straddling_2013.clone(), false),
+            ("date", "ge2012", straddling_2013.clone(), true),
             ("date", "ge2013-06-02", straddling_2013.clone(), false),
-            // le: the value starts before the query's end.
+            // le: lt or eq.
             ("date", "le2013-01-14", day.clone(), true),
+            ("date", "le2013-01-15", day.clone(), true),
             ("date", "le2013-01-13", day.clone(), false),
-            ("date", "le2013-01-14T00:00", day.clone(), true),
-            ("date", "le2012-05", straddling_2013.clone(), false),
-            ("date", "le2012-06", straddling_2013.clone(), true),
+            ("date", "le2013-01-14T00:00", day.clone(), false),
+            ("date", "le2012-06", straddling_2013.clone(), false),
+            ("date", "le2013", straddling_2013.clone(), true),
             // sa and eb: wholly after or before the query's range.
             ("date", "sa2013-01-13", day.clone(), true),
             ("date", "sa2013-01-14", day.clone(), false),

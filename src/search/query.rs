@@ -715,12 +715,13 @@ impl Parser<'_> {
             });
         };
         match name {
+            // `_count=0` asks for the total alone (like `_summary=count`).
             "_count" => match value.parse::<usize>() {
-                Ok(count) if count > 0 => control.count = Some(count),
+                Ok(count) => control.count = Some(count),
                 _ => {
                     return Err(QueryError::InvalidValue {
                         parameter: name.to_owned(),
-                        expected: "positive integer".to_owned(),
+                        expected: "non-negative integer".to_owned(),
                     })
                 }
             },
@@ -2070,10 +2071,14 @@ mod tests {
         assert!(ignored_reason(Some("Patient"), "_total", "exact").contains("_total is"));
         assert!(ignored_reason(Some("Patient"), "_summary", "TRUE").contains("_summary is"));
         assert!(ignored_reason(Some("Patient"), "_elements", " , ").contains("no element"));
-        for count in ["0", "-1", "abc", "1.5", "99999999999999999999999", " 5"] {
+        assert_eq!(
+            parse_on("Patient", &[("_count", "0")]).control.count,
+            Some(0)
+        );
+        for count in ["-1", "abc", "1.5", "99999999999999999999999", " 5"] {
             assert_eq!(
                 error_on("Patient", "_count", count).to_string(),
-                "the value of _count is not a valid positive integer",
+                "the value of _count is not a valid non-negative integer",
                 "{count}"
             );
         }

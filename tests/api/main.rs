@@ -17,3 +17,4 @@ mod metadata;
 mod moto;
 mod oidc;
 mod oracle;
+mod search;
