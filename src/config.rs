@@ -37,6 +37,10 @@ pub struct Settings {
     /// Largest request body accepted, in bytes (`CUSTODIAN_MAX_BODY_BYTES`, default 8 MiB);
     /// larger bodies get 413 before they are read whole.
     pub max_body_bytes: usize,
+    /// Largest transaction or batch Bundle accepted, in bytes (413 beyond).
+    pub max_bundle_bytes: usize,
+    /// Most entries in one transaction or batch Bundle (413 beyond).
+    pub max_bundle_entries: usize,
     /// Seconds after which a request is abandoned with 503 (`CUSTODIAN_REQUEST_TIMEOUT_SECS`).
     pub request_timeout_secs: u64,
     /// Default and maximum page size of history bundles (`CUSTODIAN_PAGE_SIZE`,
@@ -204,6 +208,8 @@ impl Default for Settings {
             base_url: None,
             profiles_dir: PathBuf::from("fhir-profiles"),
             max_body_bytes: 8 * 1024 * 1024,
+            max_bundle_bytes: 64 * 1024 * 1024,
+            max_bundle_entries: 10_000,
             request_timeout_secs: 30,
             page_size: 50,
             max_page_size: 500,
@@ -227,6 +233,8 @@ impl std::fmt::Debug for Settings {
             .field("base_url", &self.base_url)
             .field("profiles_dir", &self.profiles_dir)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_bundle_bytes", &self.max_bundle_bytes)
+            .field("max_bundle_entries", &self.max_bundle_entries)
             .field("tenant", &self.tenant)
             .field("keys", &self.keys)
             .field("auth", &self.auth)

@@ -75,6 +75,7 @@ pub fn interaction_of(method: &Method, route: &str) -> &'static str {
     match (method.as_str(), route) {
         (_, "/metadata") => "capabilities",
         ("GET", "/") | ("POST", "/_search") => "search-system",
+        ("POST", "/") => "transaction",
         ("POST", route) if route.ends_with("/_search") => "search-type",
         ("GET", "/_history") => "history-system",
         ("GET", route) if route.ends_with("/_history/{version}") => "vread",

@@ -4,6 +4,7 @@
 
 pub mod audit;
 mod auth;
+pub mod bundle;
 mod capabilities;
 mod conditional;
 mod create;
@@ -240,7 +241,7 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/health", get(health::live))
         .route("/ready", get(health::ready))
-        .route("/", get(search::search_system))
+        .route("/", get(search::search_system).post(bundle::bundle))
         .route("/_search", axum::routing::post(search::search_system_post))
         .route("/_history", get(history::history_system))
         .route("/AuditEvent", get(audit::search_events))

@@ -124,6 +124,30 @@ fn strict(headers: &HeaderMap) -> bool {
         .any(|part| part.trim().eq_ignore_ascii_case("handling=strict"))
 }
 
+/// The searchset of `GET /{resource_type}?…` for a transaction's GET entry (first page).
+///
+/// # Errors
+/// As a search.
+pub async fn searchset_of(
+    app: &App,
+    principal: &std::sync::Arc<crate::authz::principal::Principal>,
+    resource_type: &str,
+    pairs: Vec<(String, String)>,
+) -> ApiResult<Value> {
+    let parsed = query::parse(Some(resource_type), &pairs, &app.search.registry)
+        .map_err(|error| ApiError::invalid(IssueCode::Invalid, error.to_string()))?;
+    let types = vec![resource_type.to_string()];
+    let count = parsed
+        .control
+        .count
+        .unwrap_or(app.settings.page_size)
+        .min(app.settings.max_page_size);
+    let search = Search::start(app, principal, &types).await?;
+    let page = search.page(&parsed, count).await?;
+    let path = format!("{}/{resource_type}", app.base_url);
+    searchset(app, &path, &pairs, &parsed, page)
+}
+
 async fn respond(
     app: &App,
     principal: &std::sync::Arc<crate::authz::principal::Principal>,
@@ -133,7 +157,7 @@ async fn respond(
 ) -> ApiResult<Response> {
     let format = negotiate(&QueryParams(pairs.clone()), headers)?;
     let parsed = query::parse(resource_type.as_deref(), &pairs, &app.search.registry)
-        .map_err(|error| ApiError::invalid(IssueCode::Processing, error.to_string()))?;
+        .map_err(|error| ApiError::invalid(IssueCode::Invalid, error.to_string()))?;
     if strict(headers) && !parsed.ignored.is_empty() {
         let issues = parsed
             .ignored

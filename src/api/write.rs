@@ -360,6 +360,39 @@ fn mark_audited(record: &VersionRecord) {
     });
 }
 
+tokio::task_local! {
+    /// The writes of the transaction bundle being processed in this task.
+    static COLLECTED: std::cell::RefCell<Vec<VersionWrite>>;
+}
+
+/// Runs `work` with every write it makes collected instead of committed, and returns them: a
+/// transaction bundle commits them together with [`crate::store::Store::write_many`].
+pub async fn collecting<T>(work: impl std::future::Future<Output = T>) -> (T, Vec<VersionWrite>) {
+    COLLECTED
+        .scope(std::cell::RefCell::new(Vec::new()), async {
+            let output = work.await;
+            let writes = COLLECTED.with(|collected| collected.take());
+            (output, writes)
+        })
+        .await
+}
+
+/// The record a write will have once committed (its sequence is not known yet).
+fn provisional_record(write: &VersionWrite) -> VersionRecord {
+    VersionRecord {
+        sequence: 0,
+        resource_type: write.resource_type.clone(),
+        id: write.id.clone(),
+        version: write.version,
+        method: write.method,
+        last_updated: write.last_updated,
+        deleted: write.body.is_none(),
+        compartment: write.compartment.clone(),
+        key_id: write.key_id.clone(),
+        body: write.body.clone(),
+    }
+}
+
 /// Commits one attempt. `Ok(None)` means another writer won the race and the caller should
 /// re-read and retry; with `If-Match` there is no retry: the named version is gone (412).
 async fn commit(
@@ -368,6 +401,12 @@ async fn commit(
     write: VersionWrite,
     if_match: Option<i64>,
 ) -> ApiResult<Option<VersionRecord>> {
+    // Inside a transaction bundle the write joins the bundle's one database transaction.
+    if COLLECTED.try_with(|_| ()).is_ok() {
+        let record = provisional_record(&write);
+        COLLECTED.with(|collected| collected.borrow_mut().push(write));
+        return Ok(Some(record));
+    }
     match (app.store.write(scope, write).await, if_match) {
         (Ok(record), _) => Ok(Some(record)),
         (Err(StoreError::VersionConflict), Some(expected)) => Err(stale_version(expected)),

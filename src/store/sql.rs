@@ -111,92 +111,32 @@ impl SqlStore {
     }
 
     async fn write_now(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord> {
-        let deleted = i64::from(write.body.is_none());
         let mut transaction = self.begin().await?;
+        let record = write_in(&mut transaction, scope, write).await?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(record)
+    }
 
-        // The head decides the race: a conditional insert or update that touches no row means
-        // another writer moved it first.
-        let head = match write.expected {
-            Expected::Absent => sqlx::query(
-                "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(scope.tenant())
-            .bind(&write.resource_type)
-            .bind(&write.id)
-            .bind(write.version)
-            .bind(deleted),
-            Expected::Version(current) => sqlx::query(
-                "UPDATE resource_heads SET version_id = $4, deleted = $5 \
-                 WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
-            )
-            .bind(scope.tenant())
-            .bind(&write.resource_type)
-            .bind(&write.id)
-            .bind(write.version)
-            .bind(deleted)
-            .bind(current),
-        };
-        let moved = head.execute(&mut *transaction).await.map_err(classify)?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::VersionConflict);
+    async fn write_many_now(
+        &self,
+        scope: &Scope,
+        writes: Vec<VersionWrite>,
+        audit: Vec<AuditEntry>,
+    ) -> StoreResult<Vec<VersionRecord>> {
+        let mut transaction = self.begin().await?;
+        let mut records = Vec::with_capacity(writes.len());
+        for write in writes {
+            records.push(write_in(&mut transaction, scope, write).await?);
         }
-
-        let compartment = write.compartment;
-
-        let inserted = sqlx::query(
-            "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
-               last_updated_us, deleted, compartment, key_id, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING sequence",
-        )
-        .bind(scope.tenant())
-        .bind(&write.resource_type)
-        .bind(&write.id)
-        .bind(write.version)
-        .bind(write.method.as_str())
-        .bind(micros(write.last_updated))
-        .bind(deleted)
-        .bind(compartment.as_deref())
-        .bind(write.key_id.as_deref())
-        .bind(write.body.as_deref())
-        .fetch_one(&mut *transaction)
-        .await
-        .map_err(classify)?;
-        let sequence: i64 = inserted
-            .try_get("sequence")
-            .map_err(|error| StoreError::Internal(error.to_string()))?;
-        replace_index_in(
-            &mut transaction,
-            scope,
-            &write.resource_type,
-            &write.id,
-            &write.index,
-        )
-        .await?;
-        if let Some(audit) = &write.audit {
-            // The audit record commits with the data, or neither does; a write that cannot be
-            // audited is answered like an unavailable database (503), never written.
-            append_audit_in(&mut transaction, std::slice::from_ref(audit))
+        if !audit.is_empty() {
+            append_audit_in(&mut transaction, &audit)
                 .await
                 .map_err(|error| {
                     StoreError::Unavailable(format!("audit append failed: {error}"))
                 })?;
         }
         transaction.commit().await.map_err(classify)?;
-
-        Ok(VersionRecord {
-            sequence,
-            resource_type: write.resource_type,
-            id: write.id,
-            version: write.version,
-            method: write.method,
-            // Stored at microsecond precision; hand back exactly what a read will return.
-            last_updated: from_micros(micros(write.last_updated))?,
-            deleted: deleted == 1,
-            body: write.body,
-            compartment,
-            key_id: write.key_id,
-        })
+        Ok(records)
     }
 
     async fn append_audit_now(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
@@ -496,6 +436,16 @@ impl Store for SqlStore {
             .await
             .map_err(classify)?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn write_many(
+        &self,
+        scope: &Scope,
+        writes: Vec<VersionWrite>,
+        audit: Vec<AuditEntry>,
+    ) -> StoreResult<Vec<VersionRecord>> {
+        let (store, scope) = (self.clone(), scope.clone());
+        detached(async move { store.write_many_now(&scope, writes, audit).await }).await
     }
 
     async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
@@ -867,6 +817,95 @@ impl Store for SqlStore {
         }
         Ok(records)
     }
+}
+
+/// One version write inside an open transaction: the head (which decides races), the version
+/// row, its index rows and its audit record.
+async fn write_in(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scope: &Scope,
+    write: VersionWrite,
+) -> StoreResult<VersionRecord> {
+    let deleted = i64::from(write.body.is_none());
+    // The head decides the race: a conditional insert or update that touches no row means
+    // another writer moved it first.
+    let head = match write.expected {
+        Expected::Absent => sqlx::query(
+            "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(scope.tenant())
+        .bind(&write.resource_type)
+        .bind(&write.id)
+        .bind(write.version)
+        .bind(deleted),
+        Expected::Version(current) => sqlx::query(
+            "UPDATE resource_heads SET version_id = $4, deleted = $5 \
+                 WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
+        )
+        .bind(scope.tenant())
+        .bind(&write.resource_type)
+        .bind(&write.id)
+        .bind(write.version)
+        .bind(deleted)
+        .bind(current),
+    };
+    let moved = head.execute(&mut **transaction).await.map_err(classify)?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::VersionConflict);
+    }
+
+    let compartment = write.compartment;
+
+    let inserted = sqlx::query(
+        "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
+               last_updated_us, deleted, compartment, key_id, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING sequence",
+    )
+    .bind(scope.tenant())
+    .bind(&write.resource_type)
+    .bind(&write.id)
+    .bind(write.version)
+    .bind(write.method.as_str())
+    .bind(micros(write.last_updated))
+    .bind(deleted)
+    .bind(compartment.as_deref())
+    .bind(write.key_id.as_deref())
+    .bind(write.body.as_deref())
+    .fetch_one(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    let sequence: i64 = inserted
+        .try_get("sequence")
+        .map_err(|error| StoreError::Internal(error.to_string()))?;
+    replace_index_in(
+        transaction,
+        scope,
+        &write.resource_type,
+        &write.id,
+        &write.index,
+    )
+    .await?;
+    if let Some(audit) = &write.audit {
+        // The audit record commits with the data, or neither does; a write that cannot be
+        // audited is answered like an unavailable database (503), never written.
+        append_audit_in(transaction, std::slice::from_ref(audit))
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("audit append failed: {error}")))?;
+    }
+    Ok(VersionRecord {
+        sequence,
+        resource_type: write.resource_type,
+        id: write.id,
+        version: write.version,
+        method: write.method,
+        // Stored at microsecond precision; hand back exactly what a read will return.
+        last_updated: from_micros(micros(write.last_updated))?,
+        deleted: deleted == 1,
+        body: write.body,
+        compartment,
+        key_id: write.key_id,
+    })
 }
 
 /// Most values bound in one `IN (…)` list (SQLite allows 32,766 parameters per statement).
