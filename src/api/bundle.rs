@@ -34,6 +34,9 @@ use crate::error::{ApiError, ApiResult, IssueCode};
 use crate::fhir::bundle::{etag, instant};
 use crate::store::{StoreError, VersionRecord, WriteMethod};
 
+/// How often a transaction that lost a race is run again.
+const TRANSACTION_ATTEMPTS: u64 = 5;
+
 /// The HTTP verbs a Bundle entry may carry, in transaction processing order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Verb {
@@ -131,7 +134,19 @@ pub async fn process(
                 .enumerate()
                 .map(|(index, raw)| parse_entry(app, index, raw))
                 .collect::<ApiResult<Vec<_>>>()?;
-            transaction(app, principal, entries).await
+            // A transaction that lost a race (a resource or a conditional-create claim taken by
+            // a concurrent one) left nothing behind: run it again, its searches now see the
+            // winner's resources.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match transaction(app, principal, entries.clone()).await {
+                    Err(ApiError::Conflict(_)) if attempt < TRANSACTION_ATTEMPTS => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                    }
+                    other => break other,
+                }
+            }
         }
         "batch" => {
             audit::note(|context| context.interaction = "batch");
@@ -419,9 +434,25 @@ async fn transaction(
         for entry in order.iter().filter(|entry| entry.verb < Verb::Get) {
             let outcome = match existing.get(&entry.index) {
                 Some(found) => Outcome::Existing(found.clone()),
-                None => perform_write(app, principal, entry, targets[entry.index].as_deref())
-                    .await
-                    .map_err(|error| entry_error(entry, error))?,
+                None => {
+                    let target = targets[entry.index].as_deref();
+                    let written = match (entry.verb, &entry.if_none_exist) {
+                        // A conditional create holds the claim of its criteria (see create.rs).
+                        (Verb::Post, Some(criteria)) => {
+                            let claim = write::claim_key(
+                                app,
+                                &crate::store::Scope::system(&app.settings.tenant),
+                                &entry.resource_type,
+                                &QueryParams::parse(criteria).0,
+                            )
+                            .await?;
+                            write::claiming(claim, perform_write(app, principal, entry, target))
+                                .await
+                        }
+                        _ => perform_write(app, principal, entry, target).await,
+                    };
+                    written.map_err(|error| entry_error(entry, error))?
+                }
             };
             outcomes.insert(entry.index, outcome);
         }

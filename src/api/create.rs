@@ -16,6 +16,9 @@ use super::{
 use crate::authz::decision::Interaction;
 use crate::error::{ApiError, ApiResult, IssueCode};
 
+/// How often a conditional create retries after losing its claim to a concurrent one.
+const CLAIM_ATTEMPTS: u64 = 5;
+
 /// `POST /{type}`.
 #[tracing::instrument(skip_all, fields(resource_type = %resource_type))]
 pub async fn create(
@@ -33,40 +36,61 @@ pub async fn create(
         .await?;
     let resource = read_resource(&app, &headers, body, &resource_type).await?;
 
-    if let Some(criteria) = headers.get("if-none-exist") {
-        let criteria = criteria.to_str().map_err(|_| {
-            ApiError::invalid(IssueCode::Value, "If-None-Exist must be a query string")
-        })?;
-        let criteria = QueryParams::parse(criteria.trim_start_matches('?'));
-        // Matching is a search: it needs search permission and sees only what the caller may
-        // see, so If-None-Exist cannot probe for resources outside the caller's reach.
-        let search = app
-            .decide(&principal, Interaction::Search, Some(&resource_type))
-            .await?;
-        let mut matches = conditional::find(&app, &search, &resource_type, &criteria).await?;
-        match matches.len() {
-            0 => {}
-            1 => {
-                let existing = matches.remove(0);
-                return VersionResponse {
-                    app: &app,
-                    record: &existing,
-                    status: StatusCode::OK,
-                    format,
-                    preference: return_preference(&headers),
-                    outcome_message: "a matching resource exists; nothing was created".into(),
+    let record = match headers.get("if-none-exist") {
+        None => write::create_new(&app, &permit, &resource_type, resource).await?,
+        Some(criteria) => {
+            let criteria = criteria.to_str().map_err(|_| {
+                ApiError::invalid(IssueCode::Value, "If-None-Exist must be a query string")
+            })?;
+            let criteria = QueryParams::parse(criteria.trim_start_matches('?'));
+            // Matching is a search: it needs search permission and sees only what the caller
+            // may see, so If-None-Exist cannot probe for resources outside the caller's reach.
+            let search = app
+                .decide(&principal, Interaction::Search, Some(&resource_type))
+                .await?;
+            let claim = write::claim_key(&app, permit.scope(), &resource_type, &criteria.0).await?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut matches =
+                    conditional::find(&app, &search, &resource_type, &criteria).await?;
+                match matches.len() {
+                    0 => {}
+                    1 => {
+                        let existing = matches.remove(0);
+                        return VersionResponse {
+                            app: &app,
+                            record: &existing,
+                            status: StatusCode::OK,
+                            format,
+                            preference: return_preference(&headers),
+                            outcome_message: "a matching resource exists; nothing was created"
+                                .into(),
+                        }
+                        .into_response();
+                    }
+                    _ => {
+                        return Err(ApiError::MultipleMatches(
+                            "If-None-Exist matches more than one resource".into(),
+                        ))
+                    }
                 }
-                .into_response();
-            }
-            _ => {
-                return Err(ApiError::MultipleMatches(
-                    "If-None-Exist matches more than one resource".into(),
-                ))
+                // A concurrent create with the same criteria holds the claim: search again,
+                // it finds that resource once committed.
+                match write::claiming(
+                    claim.clone(),
+                    write::create_new(&app, &permit, &resource_type, resource.clone()),
+                )
+                .await
+                {
+                    Err(ApiError::Conflict(_)) if attempt < CLAIM_ATTEMPTS => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                    }
+                    other => break other?,
+                }
             }
         }
-    }
-
-    let record = write::create_new(&app, &permit, &resource_type, resource).await?;
+    };
     tracing::info!(version = record.version, "created");
     VersionResponse {
         app: &app,

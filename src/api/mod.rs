@@ -13,6 +13,7 @@ mod health;
 mod history;
 
 pub use history::parse_instant;
+mod patch;
 mod read;
 mod search;
 mod update;
@@ -263,7 +264,10 @@ pub fn router(app: AppState) -> Router {
         )
         .route(
             "/{resource_type}/{id}",
-            get(read::read).put(update::update).delete(delete::delete),
+            get(read::read)
+                .put(update::update)
+                .patch(patch::patch)
+                .delete(delete::delete),
         )
         .route(
             "/{resource_type}/{id}/_history",

@@ -186,6 +186,7 @@ pub async fn delete_version(
             compartment: current.compartment.clone(),
             key_id: None,
             audit: None,
+            claim: None,
             index: IndexRows::default(),
         };
         let write = VersionWrite {
@@ -333,6 +334,7 @@ async fn sealed_write(
         compartment,
         key_id: Some(sealed.key_id),
         audit: None,
+        claim: CLAIM.try_with(Clone::clone).ok().flatten(),
         index,
     })
 }
@@ -363,6 +365,38 @@ fn mark_audited(record: &VersionRecord) {
 tokio::task_local! {
     /// The writes of the transaction bundle being processed in this task.
     static COLLECTED: std::cell::RefCell<Vec<VersionWrite>>;
+    /// The conditional-create claim of the write being made in this task.
+    static CLAIM: Option<String>;
+}
+
+/// Runs `work` (one create) holding the claim of its conditional criteria, so that of two
+/// concurrent conditional creates with the same criteria only one commits.
+pub async fn claiming<T>(claim: String, work: impl std::future::Future<Output = T>) -> T {
+    CLAIM.scope(Some(claim), work).await
+}
+
+/// The claim key of a conditional create: a keyed hash of the type and the criteria in a
+/// canonical order (no PHI reaches the database).
+///
+/// # Errors
+/// 503 when the tenant's index key cannot be fetched.
+pub async fn claim_key(
+    app: &App,
+    scope: &Scope,
+    resource_type: &str,
+    criteria: &[(String, String)],
+) -> ApiResult<String> {
+    let mut pairs: Vec<String> = criteria
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "_format" | "_pretty"))
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    pairs.sort();
+    let blinder = app.search.blinder(scope).await?;
+    Ok(blinder.blind(
+        "_conditional-create",
+        &format!("{resource_type}?{}", pairs.join("&")),
+    ))
 }
 
 /// Runs `work` with every write it makes collected instead of committed, and returns them: a

@@ -30,6 +30,7 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
         "read",
         "vread",
         "update",
+        "patch",
         "delete",
         "history-instance",
         "history-type",

@@ -117,10 +117,18 @@ pub struct VersionWrite {
     pub key_id: Option<String>,
     /// The request's audit record, appended in the same transaction as the data.
     pub audit: Option<AuditEntry>,
+    /// The claim of a conditional create (a keyed hash of its type and criteria), taken in the
+    /// same transaction; a live claim by another writer fails the write with
+    /// [`StoreError::VersionConflict`].
+    pub claim: Option<String>,
     /// The search index rows of this version; they replace the resource's previous rows in the
     /// same transaction (a deletion has none, so its rows go).
     pub index: IndexRows,
 }
+
+/// How long a conditional-create claim blocks another create with the same criteria (see
+/// `migrations/*/0005_conditional_claims.sql`).
+pub const CLAIM_LIFETIME_MICROS: i64 = 60_000_000;
 
 /// The search index rows of one resource version (see `migrations/*/0004_search.sql`).
 #[derive(Debug, Clone, Default, PartialEq)]

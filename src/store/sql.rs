@@ -854,6 +854,25 @@ async fn write_in(
     if moved.rows_affected() != 1 {
         return Err(StoreError::VersionConflict);
     }
+    if let Some(claim) = &write.claim {
+        // Taken unless another live claim holds the key (see 0005_conditional_claims.sql).
+        let now = micros(write.last_updated);
+        let claimed = sqlx::query(
+            "INSERT INTO conditional_claims (tenant, claim_key, created_us) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant, claim_key) DO UPDATE SET created_us = excluded.created_us \
+             WHERE conditional_claims.created_us < $4",
+        )
+        .bind(scope.tenant())
+        .bind(claim)
+        .bind(now)
+        .bind(now - super::CLAIM_LIFETIME_MICROS)
+        .execute(&mut **transaction)
+        .await
+        .map_err(classify)?;
+        if claimed.rows_affected() != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+    }
 
     let compartment = write.compartment;
 

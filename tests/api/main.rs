@@ -17,4 +17,5 @@ mod metadata;
 mod moto;
 mod oidc;
 mod oracle;
+mod patch;
 mod search;
