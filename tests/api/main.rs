@@ -6,6 +6,7 @@ mod helpers;
 mod audit;
 mod authz;
 mod bad_input;
+mod bundle;
 mod conditional;
 mod crud;
 mod encryption;
