@@ -18,8 +18,6 @@ CREATE TABLE search_terms (
 );
 CREATE INDEX search_terms_lookup ON search_terms (tenant, resource_type, param, term, resource_id);
 CREATE INDEX search_terms_by_resource ON search_terms (tenant, resource_type, resource_id);
--- Reverse includes and _has look up who references a resource, across types.
-CREATE INDEX search_terms_by_term ON search_terms (tenant, term, param);
 
 -- Date ranges [low, high) in microseconds since the epoch (UTC), of non-identifying dates.
 CREATE TABLE search_dates (

@@ -88,9 +88,27 @@ pub async fn bundle(
     let format = negotiate(&query, &headers)?;
     let input_format = crate::fhir::format::request_format(&headers)?;
     let bytes = read_body(&headers, body, app.settings.max_bundle_bytes).await?;
-    let bundle = crate::fhir::parse::parse_resource(&bytes, input_format, &app.validator)?;
+    let bundle = match crate::fhir::parse::parse_resource(&bytes, input_format, &app.validator) {
+        Ok(bundle) => bundle,
+        // In a batch an invalid entry fails alone: its entries are validated one by one.
+        Err(error) => match batch_bundle(&bytes, input_format) {
+            Some(bundle) => bundle,
+            None => return Err(error),
+        },
+    };
     let response = process(&app, &principal, &bundle).await?;
     value_response(StatusCode::OK, &response, format)
+}
+
+/// A JSON batch Bundle read without validating its entries (each is validated on its own).
+fn batch_bundle(bytes: &[u8], format: crate::fhir::format::Format) -> Option<Map<String, Value>> {
+    if format != crate::fhir::format::Format::Json {
+        return None;
+    }
+    let bundle: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
+    let is_batch = bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle")
+        && bundle.get("type").and_then(Value::as_str) == Some("batch");
+    is_batch.then_some(bundle)
 }
 
 /// Processes a parsed transaction or batch Bundle and returns the response Bundle (the CLI's
@@ -247,6 +265,20 @@ fn parse_entry(app: &App, index: usize, raw: &Value) -> ApiResult<Entry> {
             .map(|text| text.trim_start_matches('?').to_string()),
         resource,
     })
+}
+
+/// The entry with its resource checked like a single interaction's body.
+fn validated(app: &App, mut entry: Entry) -> ApiResult<Entry> {
+    if let Some(resource) = entry.resource.take() {
+        let bytes = serde_json::to_vec(&resource)
+            .map_err(|error| ApiError::Internal(format!("cannot serialize: {error}")))?;
+        entry.resource = Some(crate::fhir::parse::parse_resource(
+            &bytes,
+            crate::fhir::format::Format::Json,
+            &app.validator,
+        )?);
+    }
+    Ok(entry)
 }
 
 /// `W/"3"` or `3` → 3.
@@ -504,7 +536,7 @@ async fn transaction(
 async fn batch(app: &App, principal: &Arc<Principal>, raw_entries: &[Value]) -> ApiResult<Value> {
     let mut response_entries = Vec::with_capacity(raw_entries.len());
     for (index, raw) in raw_entries.iter().enumerate() {
-        let outcome = match parse_entry(app, index, raw) {
+        let outcome = match parse_entry(app, index, raw).and_then(|entry| validated(app, entry)) {
             Ok(entry) => batch_entry(app, principal, &entry).await,
             Err(error) => Outcome::Failed(error),
         };
@@ -735,10 +767,13 @@ fn collect_conditional_references(
 ) {
     for (key, value) in resource {
         match value {
+            // `Type?criteria`: the part before `?` is a bare type name (a system URI in the
+            // criteria may well contain `:` and `/`), unlike `urn:`/`http:` references.
             Value::String(text)
                 if key == "reference"
-                    && text.contains('?')
-                    && !text.contains(':')
+                    && text
+                        .split_once('?')
+                        .is_some_and(|(head, _)| fhir_codec::is_resource_type(head))
                     && !resolved.contains_key(text) =>
             {
                 found.push(text.clone());
@@ -815,7 +850,8 @@ mod tests {
     #[test]
     fn conditional_references_are_found_once_resolved_ones_skipped() {
         let Value::Object(resource) = json!({
-            "a": {"reference": "Patient?identifier=s|1"},
+            "a": {"reference": "Patient?identifier=http://example.org/ids|1"},
+            "c": {"reference": "http://example.org/fhir/Patient?x=1"},
             "b": [{"reference": "urn:uuid:2"}, {"reference": "Organization?name=x"}]
         }) else {
             unreachable!()
@@ -826,7 +862,7 @@ mod tests {
         )]);
         let mut found = Vec::new();
         collect_conditional_references(&resource, &resolved, &mut found);
-        assert_eq!(found, ["Patient?identifier=s|1"]);
+        assert_eq!(found, ["Patient?identifier=http://example.org/ids|1"]);
     }
 
     #[test]

@@ -38,7 +38,8 @@ const MIN_CHUNK: usize = 16;
 /// Most candidates one search may decrypt and re-check; beyond it the search is refused as too
 /// broad (400) rather than answered slowly or partially.
 pub const MAX_EVALUATED: usize = 50_000;
-/// Most resources a chained parameter or `_has` may resolve to.
+/// Most resources a chained parameter or `_has` is resolved to as a list; beyond it, the
+/// criterion is checked per candidate instead.
 pub const MAX_CHAIN_MATCHES: usize = 1_000;
 /// Most resources `_include`/`_revinclude` add to one page.
 pub const MAX_INCLUDED: usize = 1_000;
@@ -81,6 +82,27 @@ enum Check {
     },
     /// The resource must be one of these (`_has`).
     OneOf(HashSet<(String, String)>),
+    /// A chain with too many targets to list: a reference of the candidate must point at a
+    /// resource of `target_types` that matches `inner` (checked per candidate).
+    ChainEach {
+        definition: Arc<ParamDef>,
+        target_types: Vec<String>,
+        inner: Criterion,
+    },
+    /// `_has` with too many sources to list: some `source_type` resource whose
+    /// `reference_code` points at the candidate matches `inner` (checked per candidate).
+    HasEach {
+        source_type: String,
+        reference_code: String,
+        inner: Criterion,
+    },
+}
+
+impl Check {
+    /// Whether the check runs a search per candidate.
+    fn is_deferred(&self) -> bool {
+        matches!(self, Check::ChainEach { .. } | Check::HasEach { .. })
+    }
 }
 
 /// Where a page starts: after this position.
@@ -308,7 +330,15 @@ impl<'a> Search<'a> {
                             .all(std::slice::from_ref(inner.as_ref()), MAX_CHAIN_MATCHES + 1),
                     )
                     .await?;
-                    too_broad(targets.len(), code)?;
+                    if targets.len() > MAX_CHAIN_MATCHES {
+                        // Too many targets to list: check each candidate's own references.
+                        checks.push(Check::ChainEach {
+                            definition,
+                            target_types: target_types.clone(),
+                            inner: inner.as_ref().clone(),
+                        });
+                        continue;
+                    }
                     checks.push(Check::RefersTo {
                         definition,
                         targets: targets
@@ -335,7 +365,16 @@ impl<'a> Search<'a> {
                             .all(std::slice::from_ref(inner.as_ref()), MAX_CHAIN_MATCHES + 1),
                     )
                     .await?;
-                    too_broad(sources.len(), "_has")?;
+                    if sources.len() > MAX_CHAIN_MATCHES {
+                        // Too many sources to list: ask, per candidate, whether one of them
+                        // refers to it (the candidates the other criteria leave are few).
+                        checks.push(Check::HasEach {
+                            source_type: source_type.clone(),
+                            reference_code: reference_code.clone(),
+                            inner: inner.as_ref().clone(),
+                        });
+                        continue;
+                    }
                     let mut referenced = HashSet::new();
                     for source in &sources {
                         for value in values::extract(
@@ -422,7 +461,17 @@ impl<'a> Search<'a> {
             // re-check or the access decision thinned out.
             chunk = CHUNK;
             for found in self.open_all(candidates).await? {
-                if checks.iter().all(|check| passes(check, &found)) {
+                if !checks.iter().all(|check| passes(check, &found)) {
+                    continue;
+                }
+                let mut deferred_pass = true;
+                for check in checks.iter().filter(|check| check.is_deferred()) {
+                    if !Box::pin(self.passes_deferred(check, &found)).await? {
+                        deferred_pass = false;
+                        break;
+                    }
+                }
+                if deferred_pass {
                     matches.push(found);
                     if matches.len() >= limit {
                         return Ok((matches, false));
@@ -433,6 +482,75 @@ impl<'a> Search<'a> {
                 return Ok((matches, true));
             }
             after = Some(last);
+        }
+    }
+
+    /// A per-candidate check (a broad chain or `_has`): one small inner search.
+    async fn passes_deferred(&self, check: &Check, found: &Found) -> ApiResult<bool> {
+        match check {
+            Check::ChainEach {
+                definition,
+                target_types,
+                inner,
+            } => {
+                for value in values::extract(
+                    &definition.expression,
+                    SearchType::Reference,
+                    &found.resource,
+                ) {
+                    let SearchValue::Reference {
+                        resource_type: Some(target),
+                        id: Some(id),
+                        ..
+                    } = value
+                    else {
+                        continue;
+                    };
+                    if !target_types.contains(&target) {
+                        continue;
+                    }
+                    let search =
+                        Search::start(self.app, self.principal, std::slice::from_ref(&target))
+                            .await?;
+                    let by_id = Criterion::Plain {
+                        resource_type: target.clone(),
+                        code: "_id".into(),
+                        search_type: SearchType::Token,
+                        modifier: None,
+                        values: vec![QueryValue::Token {
+                            system: TokenSystem::Any,
+                            code: Some(id),
+                        }],
+                    };
+                    if !search.all(&[by_id, inner.clone()], 1).await?.is_empty() {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+            Check::HasEach {
+                source_type,
+                reference_code,
+                inner,
+            } => {
+                let search =
+                    Search::start(self.app, self.principal, std::slice::from_ref(source_type))
+                        .await?;
+                let refers = Criterion::Plain {
+                    resource_type: source_type.clone(),
+                    code: reference_code.clone(),
+                    search_type: SearchType::Reference,
+                    modifier: None,
+                    values: vec![QueryValue::Reference {
+                        resource_type: Some(found.record.resource_type.clone()),
+                        id: Some(found.record.id.clone()),
+                        version: None,
+                        url: None,
+                    }],
+                };
+                Ok(!search.all(&[refers, inner.clone()], 1).await?.is_empty())
+            }
+            _ => Ok(true),
         }
     }
 
@@ -505,6 +623,8 @@ impl<'a> Search<'a> {
                 Check::OneOf(resources) => filters.push(CandidateFilter::Ids(
                     resources.iter().map(|(_, id)| id.clone()).collect(),
                 )),
+                // Per-candidate checks narrow nothing in the index.
+                Check::ChainEach { .. } | Check::HasEach { .. } => {}
             }
         }
         filters
@@ -944,18 +1064,6 @@ impl<'a> Search<'a> {
     }
 }
 
-fn too_broad(found: usize, code: &str) -> ApiResult<()> {
-    if found > MAX_CHAIN_MATCHES {
-        return Err(ApiError::invalid(
-            IssueCode::Processing,
-            format!(
-            "the criterion on {code} matches more than {MAX_CHAIN_MATCHES} resources; narrow it"
-        ),
-        ));
-    }
-    Ok(())
-}
-
 /// A stand-in for the entry a cursor points at (its type and id are all that compare).
 fn cursor_found(cursor: &Cursor) -> Found {
     Found {
@@ -1034,6 +1142,8 @@ fn passes(check: &Check, found: &Found) -> bool {
         Check::OneOf(resources) => {
             resources.contains(&(found.record.resource_type.clone(), found.record.id.clone()))
         }
+        // Checked afterwards, asynchronously (see Search::passes_deferred).
+        Check::ChainEach { .. } | Check::HasEach { .. } => true,
     }
 }
 

@@ -26,7 +26,10 @@ use super::values::{self, normalize_string, SearchType, SearchValue};
 use crate::store::IndexRows;
 
 /// The prefix lengths (in characters, after normalization) kept for identifying strings.
-pub const PREFIX_LENGTHS: &[usize] = &[1, 2, 3, 4, 5, 6, 8, 10, 12];
+/// Four lengths keep the index of a name or address small (each is one more blinded row per
+/// value part); a query longer than a length uses the next shorter one and the re-check does
+/// the rest.
+pub const PREFIX_LENGTHS: &[usize] = &[1, 3, 5, 8];
 
 /// A date range covering more years than this is indexed as "wide" instead of year by year.
 pub const MAX_BLIND_YEARS: i32 = 60;
