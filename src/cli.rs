@@ -1,5 +1,4 @@
-//! The command line: `custodian serve` and `custodian migrate` (more commands come with their
-//! issues: import, keys, audit, token).
+//! The command line: `custodian serve | migrate | import | keys | audit | token`.
 
 use std::path::PathBuf;
 
@@ -36,6 +35,21 @@ pub enum Command {
     /// Print a development access token (dev mode only), signed by the key in the data
     /// directory. The token is the last line of standard output.
     Token(TokenArgs),
+    /// Load transaction, batch and collection Bundles (`*.json`) and bulk NDJSON files
+    /// (`*.ndjson`) from files or directories, through the same code paths as the API, as the
+    /// local operator. A re-run changes nothing. Exits non-zero when anything failed.
+    Import(ImportArgs),
+}
+
+/// `custodian import …`
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// No progress bar (it is also hidden when standard error is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Files or directories (walked in name order for `*.json` and `*.ndjson`).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
 }
 
 /// `custodian token …`
@@ -139,6 +153,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Keys(command) => keys(settings, command).await,
         Command::Token(arguments) => token(&settings, arguments),
         Command::Audit(command) => audit(settings, command).await,
+        Command::Import(arguments) => crate::import::run(settings, arguments).await,
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
             let store = SqlStore::connect(&settings.database_url(), 1)

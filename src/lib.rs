@@ -11,6 +11,7 @@
 //! - [`crypto`]: envelope encryption (key providers, data-key cache, sealing of bodies).
 //! - [`store`]: the storage trait and its SQL implementation (SQLite and PostgreSQL).
 //! - [`error`]: the one mapping from errors to OperationOutcome and HTTP status.
+//! - [`import`]: `custodian import`, bulk loading through the API's code paths.
 //! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
 
@@ -22,6 +23,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fhir;
+pub mod import;
 pub mod search;
 pub mod startup;
 pub mod store;

@@ -34,125 +34,20 @@ impl Application {
     /// # Errors
     /// A message when the definition data, the database or the listen address is unusable.
     pub async fn build(settings: Settings) -> Result<Application, String> {
-        let validator = Validator::load(&settings.profiles_dir)?;
-        let compartment = PatientCompartment::load(&settings.profiles_dir)?;
-        std::fs::create_dir_all(&settings.data_dir).map_err(|error| {
-            format!(
-                "cannot create data directory {}: {error}",
-                settings.data_dir.display()
-            )
-        })?;
-        let store = Arc::new(
-            SqlStore::connect(&settings.database_url(), settings.max_connections)
-                .await
-                .map_err(|error| format!("cannot open the database: {error}"))?,
-        );
-        if settings.migrate_on_start {
-            store
-                .migrate()
-                .await
-                .map_err(|error| format!("cannot migrate the database: {error}"))?;
-        }
-        let provider = crate::crypto::provider_from_settings(&settings).await?;
-        let vault = Arc::new(Vault::new(
-            provider,
-            store.clone(),
-            settings.keys.cache_max_entries,
-            std::time::Duration::from_secs(settings.keys.cache_max_age_secs),
-            std::time::Duration::from_millis(settings.keys.timeout_ms.max(1)),
-        ));
-        let registry = crate::search::registry::Registry::load(&settings.profiles_dir, |name| {
-            compartment.is_compartment_type(name)
-        })?;
-        let search = crate::search::Search::new(registry, vault.clone());
-        let policy = Arc::new(PolicyEngine::load(&settings.auth.policies_dir).await?);
-        policy.clone().watch(settings.auth.policies_dir.clone());
         let listener = TcpListener::bind(settings.listen_addr()?)
             .await
             .map_err(|error| format!("cannot listen on {}: {error}", settings.listen))?;
         let local = listener
             .local_addr()
             .map_err(|error| format!("cannot read the bound address: {error}"))?;
-        let base_url = settings
-            .base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{local}"))
-            .trim_end_matches('/')
-            .to_string();
+        let (app, store) = assemble(settings, &format!("http://{local}")).await?;
         tracing::info!(
             address = %local,
             database = store.backend_name(),
-            key_provider = vault.provider().name(),
-            base_url = %base_url,
+            key_provider = app.vault.provider().name(),
+            base_url = %app.base_url,
             "custodian listening"
         );
-        let dev_issuer = if settings.dev_issuer_enabled()? {
-            tracing::warn!(
-                "the development token issuer is trusted (custodian token): for development only"
-            );
-            Some(DevIssuer::load_or_create(&settings.data_dir)?)
-        } else {
-            None
-        };
-        let issuers = settings.auth.issuer_list();
-        if dev_issuer.is_none() && issuers.is_empty() {
-            tracing::warn!("no token issuer is configured: every FHIR request will be refused");
-        }
-        let tokens = TokenValidator::new(
-            ValidatorSettings {
-                audience: settings
-                    .auth
-                    .audience
-                    .clone()
-                    .unwrap_or_else(|| base_url.clone()),
-                issuers,
-                roles_claim: settings.auth.roles_claim.clone(),
-                tenant: settings.tenant.clone(),
-                leeway_secs: settings.auth.leeway_secs,
-            },
-            dev_issuer,
-        );
-        let decider = Decider::new(
-            policy,
-            store.clone(),
-            vault.clone(),
-            settings.tenant.clone(),
-        );
-        let store_handle: Arc<dyn crate::store::Store> = store.clone();
-        // SQLite takes one writer at a time; PostgreSQL overlaps concurrent commits.
-        let audit_writers = if store.backend_name() == "postgres" {
-            4
-        } else {
-            1
-        };
-        let audit = AuditLog::start(store_handle.clone(), audit_writers);
-        let audit_catalog = Catalog::load(&settings.audit.catalog_dir)?;
-        let signer = Arc::new(CheckpointSigner::load_or_create(
-            &settings.audit_signing_key_file(),
-        )?);
-        crate::audit::log::start_checkpointer(
-            store_handle,
-            signer,
-            settings.audit.checkpoint_every_records,
-            std::time::Duration::from_secs(settings.audit.checkpoint_every_secs.max(1)),
-        );
-        let audit_query_key =
-            crate::audit::log::load_or_create_secret(&settings.audit_query_key_file())?;
-        let app = Arc::new(App {
-            capability_statement: capability_statement(&base_url, "2026-11-22", &search.registry),
-            settings,
-            store: store.clone(),
-            validator,
-            compartment,
-            base_url,
-            vault,
-            tokens,
-            decider,
-            audit,
-            audit_catalog,
-            audit_query_key,
-            search,
-        });
         Ok(Application {
             listener,
             port: local.port(),
@@ -192,6 +87,134 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.run_until(shutdown_signal()).await
     }
+}
+
+/// Builds the application state without binding a listener: what `serve` runs behind its
+/// router, and what `custodian import` writes through, so that both share every code path
+/// (validation, authorization, encryption, index, audit). The public URL is `base_url`, else
+/// `http://<listen>`.
+///
+/// # Errors
+/// A message when the definition data, the database or the key provider is unusable.
+pub async fn build_app(settings: Settings) -> Result<AppState, String> {
+    let listen = format!("http://{}", settings.listen);
+    assemble(settings, &listen).await.map(|(app, _)| app)
+}
+
+/// Everything but the listener: definition data, database (migrated when configured), key
+/// provider, policy, token validation, audit log and its checkpointer. `default_base_url` is the
+/// public URL unless `base_url` is configured.
+async fn assemble(
+    settings: Settings,
+    default_base_url: &str,
+) -> Result<(AppState, Arc<SqlStore>), String> {
+    let validator = Validator::load(&settings.profiles_dir)?;
+    let compartment = PatientCompartment::load(&settings.profiles_dir)?;
+    std::fs::create_dir_all(&settings.data_dir).map_err(|error| {
+        format!(
+            "cannot create data directory {}: {error}",
+            settings.data_dir.display()
+        )
+    })?;
+    let store = Arc::new(
+        SqlStore::connect(&settings.database_url(), settings.max_connections)
+            .await
+            .map_err(|error| format!("cannot open the database: {error}"))?,
+    );
+    if settings.migrate_on_start {
+        store
+            .migrate()
+            .await
+            .map_err(|error| format!("cannot migrate the database: {error}"))?;
+    }
+    let provider = crate::crypto::provider_from_settings(&settings).await?;
+    let vault = Arc::new(Vault::new(
+        provider,
+        store.clone(),
+        settings.keys.cache_max_entries,
+        std::time::Duration::from_secs(settings.keys.cache_max_age_secs),
+        std::time::Duration::from_millis(settings.keys.timeout_ms.max(1)),
+    ));
+    let registry = crate::search::registry::Registry::load(&settings.profiles_dir, |name| {
+        compartment.is_compartment_type(name)
+    })?;
+    let search = crate::search::Search::new(registry, vault.clone());
+    let policy = Arc::new(PolicyEngine::load(&settings.auth.policies_dir).await?);
+    policy.clone().watch(settings.auth.policies_dir.clone());
+    let base_url = settings
+        .base_url
+        .clone()
+        .unwrap_or_else(|| default_base_url.to_string())
+        .trim_end_matches('/')
+        .to_string();
+    let dev_issuer = if settings.dev_issuer_enabled()? {
+        tracing::warn!(
+            "the development token issuer is trusted (custodian token): for development only"
+        );
+        Some(DevIssuer::load_or_create(&settings.data_dir)?)
+    } else {
+        None
+    };
+    let issuers = settings.auth.issuer_list();
+    if dev_issuer.is_none() && issuers.is_empty() {
+        tracing::warn!("no token issuer is configured: every FHIR request will be refused");
+    }
+    let tokens = TokenValidator::new(
+        ValidatorSettings {
+            audience: settings
+                .auth
+                .audience
+                .clone()
+                .unwrap_or_else(|| base_url.clone()),
+            issuers,
+            roles_claim: settings.auth.roles_claim.clone(),
+            tenant: settings.tenant.clone(),
+            leeway_secs: settings.auth.leeway_secs,
+        },
+        dev_issuer,
+    );
+    let decider = Decider::new(
+        policy,
+        store.clone(),
+        vault.clone(),
+        settings.tenant.clone(),
+    );
+    let store_handle: Arc<dyn crate::store::Store> = store.clone();
+    // SQLite takes one writer at a time; PostgreSQL overlaps concurrent commits.
+    let audit_writers = if store.backend_name() == "postgres" {
+        4
+    } else {
+        1
+    };
+    let audit = AuditLog::start(store_handle.clone(), audit_writers);
+    let audit_catalog = Catalog::load(&settings.audit.catalog_dir)?;
+    let signer = Arc::new(CheckpointSigner::load_or_create(
+        &settings.audit_signing_key_file(),
+    )?);
+    crate::audit::log::start_checkpointer(
+        store_handle,
+        signer,
+        settings.audit.checkpoint_every_records,
+        std::time::Duration::from_secs(settings.audit.checkpoint_every_secs.max(1)),
+    );
+    let audit_query_key =
+        crate::audit::log::load_or_create_secret(&settings.audit_query_key_file())?;
+    let app = Arc::new(App {
+        capability_statement: capability_statement(&base_url, "2026-11-22", &search.registry),
+        settings,
+        store: store.clone(),
+        validator,
+        compartment,
+        base_url,
+        vault,
+        tokens,
+        decider,
+        audit,
+        audit_catalog,
+        audit_query_key,
+        search,
+    });
+    Ok((app, store))
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what a process manager sends).

@@ -69,6 +69,22 @@ pub fn current() -> Option<AuditContext> {
         .flatten()
 }
 
+/// Runs `work` inside `context`, as the middleware runs a request, and returns what the work
+/// noted in it. Work that is not an HTTP request (`custodian import`) goes through the same
+/// handlers this way, and their writes commit their audit records as a request's do.
+pub async fn within<T>(
+    context: AuditContext,
+    work: impl std::future::Future<Output = T>,
+) -> (T, AuditContext) {
+    let shared = Arc::new(Mutex::new(context));
+    let output = CURRENT.scope(shared.clone(), work).await;
+    let context = shared
+        .lock()
+        .map(|context| context.clone())
+        .unwrap_or_default();
+    (output, context)
+}
+
 /// The interaction a request performs, from its method and route.
 pub fn interaction_of(method: &Method, route: &str) -> &'static str {
     let segments = route.trim_start_matches('/').split('/').count();

@@ -13,6 +13,7 @@ mod encryption;
 mod examples;
 mod formats;
 mod history;
+mod import;
 mod logs;
 mod metadata;
 mod moto;
