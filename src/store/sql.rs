@@ -125,7 +125,10 @@ impl SqlStore {
     ) -> StoreResult<Vec<VersionRecord>> {
         let mut transaction = self.begin().await?;
         let mut records = Vec::with_capacity(writes.len());
-        for write in writes {
+        // The entries' audit records go in with the bundle's, in one multi-row insert.
+        let mut audit = audit;
+        for mut write in writes {
+            audit.extend(write.audit.take());
             records.push(write_in(&mut transaction, scope, write).await?);
         }
         if !audit.is_empty() {
@@ -897,12 +900,14 @@ async fn write_in(
     let sequence: i64 = inserted
         .try_get("sequence")
         .map_err(|error| StoreError::Internal(error.to_string()))?;
+    // A resource that had no head has no index rows to replace.
+    let fresh = matches!(write.expected, Expected::Absent);
     replace_index_in(
         transaction,
         scope,
-        &write.resource_type,
-        &write.id,
+        (&write.resource_type, &write.id),
         &write.index,
+        fresh,
     )
     .await?;
     if let Some(audit) = &write.audit {
@@ -1127,11 +1132,16 @@ fn range_alternatives<T: Copy>(
 async fn replace_index_in(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     scope: &Scope,
-    resource_type: &str,
-    id: &str,
+    (resource_type, id): (&str, &str),
     rows: &IndexRows,
+    fresh: bool,
 ) -> StoreResult<()> {
-    for table in ["search_terms", "search_dates", "search_numbers"] {
+    let stale_tables: &[&str] = if fresh {
+        &[]
+    } else {
+        &["search_terms", "search_dates", "search_numbers"]
+    };
+    for table in stale_tables {
         sqlx::query(&format!(
             "DELETE FROM {table} WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3"
         ))
