@@ -55,7 +55,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
 
 use crate::api::audit::{self, AuditContext};
-use crate::api::{bundle, App};
+use crate::api::bundle::{self, collect_conditional_references, rewrite_references};
+use crate::api::App;
 use crate::authz::decision::Interaction;
 use crate::authz::principal::Principal;
 use crate::authz::scopes::Scopes;
@@ -693,7 +694,7 @@ impl<'a> Importer<'a> {
             .collect();
         let conditional = to_write.iter().any(|single| {
             let mut found = Vec::new();
-            collect_conditional_references(&single.resource, &mut found);
+            collect_conditional_references(&single.resource, &HashMap::new(), &mut found);
             !found.is_empty()
         });
         let mut responses = None;
@@ -944,7 +945,7 @@ impl<'a> Importer<'a> {
             }
             if is_transaction {
                 if let Some(Value::Object(resource)) = item.entry.get("resource") {
-                    collect_conditional_references(resource, &mut wanted);
+                    collect_conditional_references(resource, &HashMap::new(), &mut wanted);
                 }
             }
             for query in wanted {
@@ -1355,51 +1356,6 @@ fn outcome_message(outcome: &Value) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-/// Collects the conditional references (`Type?criteria`) of a resource, at any depth.
-fn collect_conditional_references(resource: &Map<String, Value>, found: &mut Vec<String>) {
-    for (key, value) in resource {
-        match value {
-            Value::String(text)
-                if key == "reference" && text.contains('?') && !text.contains(':') =>
-            {
-                found.push(text.clone());
-            }
-            Value::Object(child) => collect_conditional_references(child, found),
-            Value::Array(items) => {
-                for item in items {
-                    if let Value::Object(child) = item {
-                        collect_conditional_references(child, found);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Rewrites every `reference` (at any depth) that names a `fullUrl` or a resolved conditional
-/// reference of the Bundle, as the transaction itself does (`api/bundle.rs`).
-fn rewrite_references(resource: &mut Map<String, Value>, resolved: &HashMap<String, String>) {
-    for (key, value) in resource.iter_mut() {
-        match value {
-            Value::String(text) if key == "reference" => {
-                if let Some(target) = resolved.get(text.as_str()) {
-                    *text = target.clone();
-                }
-            }
-            Value::Object(child) => rewrite_references(child, resolved),
-            Value::Array(items) => {
-                for item in items {
-                    if let Value::Object(child) = item {
-                        rewrite_references(child, resolved);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -760,7 +760,7 @@ fn response_entry(app: &App, outcome: Option<Outcome>) -> Value {
 }
 
 /// Collects the references that are conditional (`Type?criteria`) and not yet resolved.
-fn collect_conditional_references(
+pub(crate) fn collect_conditional_references(
     resource: &Map<String, Value>,
     resolved: &HashMap<String, String>,
     found: &mut Vec<String>,
@@ -793,7 +793,10 @@ fn collect_conditional_references(
 
 /// Rewrites every `reference` (at any depth: nested elements, extensions, contained resources)
 /// that names another entry's `fullUrl` or a resolved conditional reference.
-fn rewrite_references(resource: &mut Map<String, Value>, resolved: &HashMap<String, String>) {
+pub(crate) fn rewrite_references(
+    resource: &mut Map<String, Value>,
+    resolved: &HashMap<String, String>,
+) {
     for (key, value) in resource.iter_mut() {
         match value {
             Value::String(text) if key == "reference" => {

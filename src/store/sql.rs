@@ -1128,6 +1128,35 @@ fn range_alternatives<T: Copy>(
     alternatives.join(" OR ")
 }
 
+/// Inserts rows (each its bound values, in `target`'s column order) with many rows per
+/// statement, well under SQLite's parameter limit.
+async fn insert_rows(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    target: &str,
+    rows: Vec<Vec<Bind>>,
+) -> StoreResult<()> {
+    const ROWS_PER_STATEMENT: usize = 300;
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let mut binds = Binds::default();
+        let values: Vec<String> = rows
+            .by_ref()
+            .take(ROWS_PER_STATEMENT)
+            .map(|row| {
+                let placeholders: Vec<String> =
+                    row.into_iter().map(|bind| binds.push(bind)).collect();
+                format!("({})", placeholders.join(", "))
+            })
+            .collect();
+        let statement = format!("INSERT INTO {target} VALUES {}", values.join(", "));
+        bind_all(sqlx::query(&statement), binds.0)
+            .execute(&mut **transaction)
+            .await
+            .map_err(classify)?;
+    }
+    Ok(())
+}
+
 /// Replaces the index rows of one resource inside the write's transaction.
 async fn replace_index_in(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -1152,82 +1181,49 @@ async fn replace_index_in(
         .await
         .map_err(classify)?;
     }
-    // Many rows per statement; 5 columns each, well under SQLite's parameter limit.
-    const ROWS_PER_STATEMENT: usize = 300;
-    for chunk in rows.terms.chunks(ROWS_PER_STATEMENT) {
-        let mut binds = Binds::default();
-        let values: Vec<String> = chunk
+    let key = |param: &str| {
+        vec![
+            Bind::Text(scope.tenant().to_string()),
+            Bind::Text(resource_type.to_string()),
+            Bind::Text(id.to_string()),
+            Bind::Text(param.to_string()),
+        ]
+    };
+    let with = |mut row: Vec<Bind>, extra: [Bind; 2]| {
+        row.extend(extra);
+        row
+    };
+    insert_rows(
+        transaction,
+        "search_terms (tenant, resource_type, resource_id, param, term)",
+        rows.terms
             .iter()
             .map(|(param, term)| {
-                format!(
-                    "({}, {}, {}, {}, {})",
-                    binds.text(scope.tenant()),
-                    binds.text(resource_type),
-                    binds.text(id),
-                    binds.text(param),
-                    binds.text(term)
-                )
+                let mut row = key(param);
+                row.push(Bind::Text(term.clone()));
+                row
             })
-            .collect();
-        let statement = format!(
-            "INSERT INTO search_terms (tenant, resource_type, resource_id, param, term) VALUES {}",
-            values.join(", ")
-        );
-        bind_all(sqlx::query(&statement), binds.0)
-            .execute(&mut **transaction)
-            .await
-            .map_err(classify)?;
-    }
-    for chunk in rows.dates.chunks(ROWS_PER_STATEMENT) {
-        let mut binds = Binds::default();
-        let values: Vec<String> = chunk
+            .collect(),
+    )
+    .await?;
+    insert_rows(
+        transaction,
+        "search_dates (tenant, resource_type, resource_id, param, low, high)",
+        rows.dates
             .iter()
-            .map(|(param, low, high)| {
-                format!(
-                    "({}, {}, {}, {}, {}, {})",
-                    binds.text(scope.tenant()),
-                    binds.text(resource_type),
-                    binds.text(id),
-                    binds.text(param),
-                    binds.push(Bind::Integer(*low)),
-                    binds.push(Bind::Integer(*high))
-                )
-            })
-            .collect();
-        let statement = format!(
-            "INSERT INTO search_dates (tenant, resource_type, resource_id, param, low, high) VALUES {}",
-            values.join(", ")
-        );
-        bind_all(sqlx::query(&statement), binds.0)
-            .execute(&mut **transaction)
-            .await
-            .map_err(classify)?;
-    }
-    for chunk in rows.numbers.chunks(ROWS_PER_STATEMENT) {
-        let mut binds = Binds::default();
-        let values: Vec<String> = chunk
+            .map(|(param, low, high)| with(key(param), [Bind::Integer(*low), Bind::Integer(*high)]))
+            .collect(),
+    )
+    .await?;
+    insert_rows(
+        transaction,
+        "search_numbers (tenant, resource_type, resource_id, param, low, high)",
+        rows.numbers
             .iter()
-            .map(|(param, low, high)| {
-                format!(
-                    "({}, {}, {}, {}, {}, {})",
-                    binds.text(scope.tenant()),
-                    binds.text(resource_type),
-                    binds.text(id),
-                    binds.text(param),
-                    binds.push(Bind::Real(*low)),
-                    binds.push(Bind::Real(*high))
-                )
-            })
-            .collect();
-        let statement = format!(
-            "INSERT INTO search_numbers (tenant, resource_type, resource_id, param, low, high) VALUES {}",
-            values.join(", ")
-        );
-        bind_all(sqlx::query(&statement), binds.0)
-            .execute(&mut **transaction)
-            .await
-            .map_err(classify)?;
-    }
+            .map(|(param, low, high)| with(key(param), [Bind::Real(*low), Bind::Real(*high)]))
+            .collect(),
+    )
+    .await?;
     Ok(())
 }
 
