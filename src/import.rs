@@ -451,6 +451,19 @@ impl<'a> Importer<'a> {
     }
 
     /// Counts, reports and audits one failed resource; a 503 stops the run.
+    /// Records a resource refused before it could be written (unreadable, invalid).
+    async fn refuse(&mut self, origin: &str, refused: Refused) -> Result<(), Stop> {
+        let status = refused.error.status().as_u16();
+        self.fail(
+            origin,
+            refused.resource_type.as_deref(),
+            refused.id.as_deref(),
+            status,
+            &message_of(&refused.error),
+        )
+        .await
+    }
+
     async fn fail(
         &mut self,
         origin: &str,
@@ -536,15 +549,7 @@ impl<'a> Importer<'a> {
                 Ok(single) => pending.push(single),
                 Err(refused) => {
                     self.bar.inc(1);
-                    let status = refused.error.status().as_u16();
-                    self.fail(
-                        &line_origin,
-                        refused.resource_type.as_deref(),
-                        refused.id.as_deref(),
-                        status,
-                        &message_of(&refused.error),
-                    )
-                    .await?;
+                    self.refuse(&line_origin, refused).await?;
                 }
             }
             if pending.len() >= CHUNK {
@@ -617,17 +622,7 @@ impl<'a> Importer<'a> {
             };
             match prepared {
                 Ok(single) => pending.push(single),
-                Err(refused) => {
-                    let status = refused.error.status().as_u16();
-                    self.fail(
-                        &entry_origin,
-                        refused.resource_type.as_deref(),
-                        refused.id.as_deref(),
-                        status,
-                        &message_of(&refused.error),
-                    )
-                    .await?;
-                }
+                Err(refused) => self.refuse(&entry_origin, refused).await?,
             }
             if pending.len() >= CHUNK {
                 self.write_singles_quietly(std::mem::take(&mut pending))
