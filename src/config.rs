@@ -57,9 +57,32 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The audit log: `[audit]`, `CUSTODIAN_AUDIT__<KEY>`.
     pub audit: AuditSettings,
+    /// Patient consent and break-the-glass: `[consent]`, `CUSTODIAN_CONSENT__<KEY>`.
+    pub consent: ConsentSettings,
     /// Whether `serve` applies pending migrations first (`CUSTODIAN_MIGRATE_ON_START`). Off when
     /// the server runs as the restricted application role and migrations as the owner.
     pub migrate_on_start: bool,
+}
+
+/// How patient consent is enforced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConsentSettings {
+    /// The decision when no active Consent of the patient speaks to an access: `permit` for an
+    /// opt-out jurisdiction (the default), `deny` for an opt-in one.
+    pub default_decision: crate::consent::Verdict,
+    /// How long a break-the-glass session lasts from its first override, seconds (default one
+    /// hour). After it, the same access token can no longer break the glass.
+    pub break_glass_secs: u64,
+}
+
+impl Default for ConsentSettings {
+    fn default() -> Self {
+        ConsentSettings {
+            default_decision: crate::consent::Verdict::Permit,
+            break_glass_secs: 3600,
+        }
+    }
 }
 
 /// The audit log's files and checkpoint cadence.
@@ -218,6 +241,7 @@ impl Default for Settings {
             keys: KeySettings::default(),
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
+            consent: ConsentSettings::default(),
             migrate_on_start: true,
         }
     }
@@ -238,6 +262,7 @@ impl std::fmt::Debug for Settings {
             .field("tenant", &self.tenant)
             .field("keys", &self.keys)
             .field("auth", &self.auth)
+            .field("consent", &self.consent)
             .finish_non_exhaustive()
     }
 }

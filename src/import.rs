@@ -74,7 +74,7 @@ const CHUNK: usize = 100;
 const CLIENT_ID: &str = "custodian-import";
 
 /// The issuer of the operator principal (no token is involved).
-const OPERATOR_ISSUER: &str = "urn:custodian:local-operator";
+pub const OPERATOR_ISSUER: &str = "urn:custodian:local-operator";
 
 /// Imports the files and directories of `arguments` into the database of `settings`.
 ///
@@ -369,6 +369,7 @@ fn operator(tenant: &str) -> Principal {
         tenant: Some(tenant.into()),
         purpose_of_use: None,
         expires_at: i64::MAX,
+        emergency: None,
     }
 }
 

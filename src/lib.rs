@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`api`]: the FHIR RESTful endpoints, one file per interaction, and the router.
 //! - [`authz`]: bearer tokens, SMART scopes, Casbin policy, the access decision.
+//! - [`consent`]: patient Consent directives and break-the-glass.
 //! - [`fhir`]: wire formats, strict parsing and validation, patient compartment, Bundles,
 //!   CapabilityStatement.
 //! - [`crypto`]: envelope encryption (key providers, data-key cache, sealing of bodies).
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod consent;
 pub mod crypto;
 pub mod error;
 pub mod fhir;

@@ -178,6 +178,7 @@ async fn assemble(
         store.clone(),
         vault.clone(),
         settings.tenant.clone(),
+        settings.consent.default_decision,
     );
     let store_handle: Arc<dyn crate::store::Store> = store.clone();
     // SQLite takes one writer at a time; PostgreSQL overlaps concurrent commits.

@@ -46,7 +46,43 @@ pub struct AuditContext {
     pub interaction: &'static str,
     /// Set when the record was appended in the write's own transaction.
     pub appended: bool,
+    /// The Consents that decided accesses of this request, each once.
+    pub consent_decisions: Vec<crate::audit::event::ConsentDecision>,
+    /// How many consent denies an emergency declaration overrode.
+    pub emergency_overrides: u32,
 }
+
+/// Records a consent decision in the current request's audit context: which Consent decided
+/// (`None`: the configured default), how, and whether break-the-glass overrode a deny.
+/// Permits by the default are the common case and carry no information: they are not listed.
+pub fn note_consent(decided_by: Option<&str>, verdict: crate::consent::Verdict, overridden: bool) {
+    if decided_by.is_none() && verdict == crate::consent::Verdict::Permit {
+        return;
+    }
+    note(|context| {
+        let consent = decided_by.unwrap_or("default").to_string();
+        let known = context
+            .consent_decisions
+            .iter()
+            .any(|decision| decision.consent == consent && decision.decision == verdict);
+        // Bounded: a search over many patients names each deciding Consent once, and a
+        // pathological request cannot grow its audit record without limit.
+        if !known && context.consent_decisions.len() < MAX_CONSENT_NOTES {
+            context
+                .consent_decisions
+                .push(crate::audit::event::ConsentDecision {
+                    consent,
+                    decision: verdict,
+                });
+        }
+        if overridden {
+            context.emergency_overrides = context.emergency_overrides.saturating_add(1);
+        }
+    });
+}
+
+/// Most distinct consent decisions one audit record lists.
+const MAX_CONSENT_NOTES: usize = 100;
 
 tokio::task_local! {
     static CURRENT: Arc<Mutex<AuditContext>>;
@@ -92,6 +128,7 @@ pub fn interaction_of(method: &Method, route: &str) -> &'static str {
         (_, "/metadata") => "capabilities",
         ("GET", "/") | ("POST", "/_search") => "search-system",
         ("POST", "/") => "transaction",
+        ("POST", route) if route.starts_with("/_audit/") => "operation",
         ("POST", route) if route.ends_with("/_search") => "search-type",
         ("GET", "/_history") => "history-system",
         ("GET", route) if route.ends_with("/_history/{version}") => "vread",
@@ -356,7 +393,7 @@ pub async fn consistency(
 
 /// The permit of a compliance request (compliance-officer and admin, per policy), once every
 /// committed record has its place in the log, so that answers include all requests so far.
-async fn compliance_permit(
+pub(super) async fn compliance_permit(
     app: &super::App,
     principal: &Arc<Principal>,
     interaction: Interaction,

@@ -50,6 +50,21 @@ pub async fn authenticate(
     };
     match app.tokens.authenticate(token).await {
         Ok(principal) => {
+            // An emergency declaration is judged once per request, before any data is read;
+            // one that cannot be honoured refuses the request (the refusal is audited).
+            let principal = match request.headers().get(crate::consent::break_glass::HEADER) {
+                None => principal,
+                Some(value) => {
+                    super::audit::note(|context| context.principal = Some(principal.clone()));
+                    let reason = value.to_str().unwrap_or_default();
+                    match crate::consent::break_glass::declare(&app, &principal, token, reason)
+                        .await
+                    {
+                        Ok(emergency) => Arc::new(emergency),
+                        Err(error) => return error.into_response(),
+                    }
+                }
+            };
             let noted = principal.clone();
             super::audit::note(|context| context.principal = Some(noted));
             request.extensions_mut().insert::<Arc<Principal>>(principal);

@@ -4,6 +4,7 @@
 
 pub mod audit;
 mod auth;
+mod break_glass;
 pub mod bundle;
 mod capabilities;
 mod conditional;
@@ -93,8 +94,11 @@ impl App {
     ) -> ApiResult<Option<VersionRecord>> {
         record.body = self.vault.open(permit.scope(), &record).await?;
         // Parsing the body costs more than the rest of a read; the decision needs it only for
-        // granular scopes, care-team rules and security labels.
-        let needs_content = permit.needs_content()
+        // granular scopes, care-team rules, security labels and content-bound Consents.
+        let needs_content = self
+            .decider
+            .needs_content(permit, &record.resource_type, record.compartment.as_deref())
+            .await?
             || record
                 .body
                 .as_deref()
@@ -109,6 +113,7 @@ impl App {
             };
         let facts = ResourceFacts {
             resource_type: &record.resource_type,
+            id: Some(&record.id),
             compartment: record.compartment.as_deref(),
             resource: resource.as_ref(),
         };
@@ -167,6 +172,11 @@ impl App {
                 .as_deref()
                 .map(|query| self.audit_query_hash(query)),
             tenant: self.settings.tenant.clone(),
+            consent_decisions: context.consent_decisions.clone(),
+            emergency_session: principal
+                .and_then(|principal| principal.emergency.as_ref())
+                .map(|emergency| emergency.session_id.clone()),
+            emergency_overrides: context.emergency_overrides,
         };
         let mut value = serde_json::to_value(&record).unwrap_or_default();
         // The position is the row's sequence number, assigned when the record is appended.
@@ -250,6 +260,11 @@ pub fn router(app: AppState) -> Router {
         .route("/_audit/disclosures", get(audit::disclosures))
         .route("/_audit/proof", get(audit::proof))
         .route("/_audit/consistency", get(audit::consistency))
+        .route("/_audit/break-glass", get(break_glass::list))
+        .route(
+            "/_audit/break-glass/{session}/review",
+            axum::routing::post(break_glass::review),
+        )
         .route(
             "/{resource_type}",
             get(search::search_type)

@@ -79,7 +79,7 @@ pub async fn put_version(
     check_writable(
         app,
         permit,
-        resource_type,
+        (resource_type, id),
         compartment.as_deref(),
         &resource,
     )
@@ -103,7 +103,7 @@ pub async fn put_version(
                 check_writable(
                     app,
                     &create,
-                    resource_type,
+                    (resource_type, id),
                     compartment.as_deref(),
                     &resource,
                 )
@@ -221,7 +221,7 @@ pub async fn create_new(
     check_writable(
         app,
         permit,
-        resource_type,
+        (resource_type, id.as_str()),
         compartment.as_deref(),
         &resource,
     )
@@ -249,17 +249,25 @@ pub async fn create_new(
 async fn check_writable(
     app: &App,
     permit: &Permit,
-    resource_type: &str,
+    (resource_type, id): (&str, &str),
     compartment: Option<&str>,
     resource: &Map<String, Value>,
 ) -> ApiResult<()> {
     let resource = Value::Object(resource.clone());
+    if resource_type == "Consent" {
+        // A directive that decides access must say exactly what it means (422 otherwise).
+        let problems = crate::consent::validate(&resource);
+        if !problems.is_empty() {
+            return Err(ApiError::Unprocessable(problems.join("; ")));
+        }
+    }
     let facts = ResourceFacts {
         resource_type,
+        id: Some(id),
         compartment,
         resource: Some(&resource),
     };
-    if app.decider.visible(permit, &facts).await? {
+    if app.decider.writable(permit, &facts).await? {
         Ok(())
     } else {
         Err(ApiError::Forbidden(

@@ -126,6 +126,30 @@ pub struct AuditRecord {
     pub query_hash: Option<String>,
     /// The tenant the request was served for.
     pub tenant: String,
+    /// The Consents that decided accesses of the request (and how); absent when none did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consent_decisions: Vec<ConsentDecision>,
+    /// The break-the-glass session the request was made under, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency_session: Option<String>,
+    /// How many consent denies the emergency declaration overrode.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub emergency_overrides: u32,
+}
+
+/// One consent decision an audit record keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentDecision {
+    /// `Consent/{id}/_history/{version}`, or `default` for the configured default.
+    pub consent: String,
+    pub decision: crate::consent::Verdict,
+}
+
+/// Identifier system of break-the-glass sessions (`GET /_audit/break-glass` lists them).
+pub const BREAK_GLASS_SYSTEM: &str = "urn:custodian:break-glass-session";
+
+fn is_zero(count: &u32) -> bool {
+    *count == 0
 }
 
 /// RFC 3339 text for `recorded`, so the record serializes the same whatever chrono features
@@ -190,6 +214,8 @@ pub struct Catalog {
     fallback: CatalogEntry,
     outcome_ranges: Vec<OutcomeRange>,
     outcome_otherwise: String,
+    /// The subtype Coding added to every event of a break-the-glass request.
+    emergency_subtype: Value,
 }
 
 impl Catalog {
@@ -219,9 +245,14 @@ impl Catalog {
             .as_object()
             .ok_or("the catalog must be a JSON object")?;
         for key in root.keys() {
-            if !key.starts_with('_') && key != "interactions" && key != "outcome" {
+            if !key.starts_with('_')
+                && !matches!(
+                    key.as_str(),
+                    "interactions" | "outcome" | "emergency_override"
+                )
+            {
                 return Err(format!(
-                    "unknown key {key:?} (expected interactions, outcome, _…)"
+                    "unknown key {key:?} (expected interactions, emergency_override, outcome, _…)"
                 ));
             }
         }
@@ -253,12 +284,19 @@ impl Catalog {
         let fallback = entries[FALLBACK_INTERACTION].clone();
 
         let (outcome_ranges, outcome_otherwise) = parse_outcome(root.get("outcome"))?;
+        let emergency_subtype = root
+            .get("emergency_override")
+            .map(|override_entry| &override_entry["subtype"])
+            .filter(|coding| coding["system"].is_string() && coding["code"].is_string())
+            .cloned()
+            .ok_or("emergency_override.subtype: expected a Coding with system and code")?;
         Ok(Catalog {
             version,
             entries,
             fallback,
             outcome_ranges,
             outcome_otherwise,
+            emergency_subtype,
         })
     }
 
@@ -464,7 +502,14 @@ pub fn audit_event(record: &AuditRecord, catalog: &Catalog, server_base_url: &st
         event.insert("meta".into(), json!({ "profile": [profile] }));
     }
     event.insert("type".into(), entry.type_coding.clone());
-    event.insert("subtype".into(), json!([entry.subtype_coding]));
+    if record.emergency_session.is_some() {
+        event.insert(
+            "subtype".into(),
+            json!([entry.subtype_coding, catalog.emergency_subtype]),
+        );
+    } else {
+        event.insert("subtype".into(), json!([entry.subtype_coding]));
+    }
     event.insert("action".into(), json!(entry.action));
     event.insert(
         "recorded".into(),
@@ -623,6 +668,35 @@ fn entities(record: &AuditRecord, pseudonym: Option<String>) -> Vec<Value> {
         entities.push(json!({
             "what": { "identifier": { "value": record.request_id } },
             "type": { "system": BALP_ENTITY_TYPE_SYSTEM, "code": "XrequestId" },
+        }));
+    }
+    for decision in &record.consent_decisions {
+        // The Consent that decided, by version; `default` when the configured default did.
+        let what = if decision.consent.starts_with("Consent/") {
+            json!({ "reference": decision.consent, "type": "Consent" })
+        } else {
+            json!({ "type": "Consent", "display": "no Consent applied: the configured default" })
+        };
+        entities.push(json!({
+            "what": what,
+            "type": { "system": ENTITY_TYPE_SYSTEM, "code": "2", "display": "System Object" },
+            "role": { "system": OBJECT_ROLE_SYSTEM, "code": "13", "display": "Security Resource" },
+            "description": format!("consent decision: {}", decision.decision.code()),
+        }));
+    }
+    if let Some(session) = record
+        .emergency_session
+        .as_deref()
+        .filter(|id| is_fhir_id(id))
+    {
+        entities.push(json!({
+            "what": { "identifier": { "system": BREAK_GLASS_SYSTEM, "value": session } },
+            "type": { "system": ENTITY_TYPE_SYSTEM, "code": "2", "display": "System Object" },
+            "role": { "system": OBJECT_ROLE_SYSTEM, "code": "13", "display": "Security Resource" },
+            "description": format!(
+                "break-the-glass session; consent denies overridden: {}",
+                record.emergency_overrides
+            ),
         }));
     }
     if let Some(hash) = record.query_hash.as_deref().filter(|hash| !hash.is_empty()) {
@@ -814,6 +888,9 @@ mod tests {
             request_id: "6f1c2b8e-0d5a-4a7e-9b1e-2c3d4e5f6a7b".into(),
             query_hash: None,
             tenant: "clinic-a".into(),
+            consent_decisions: Vec::new(),
+            emergency_session: None,
+            emergency_overrides: 0,
         }
     }
 

@@ -1,5 +1,5 @@
-//! The one decision point: effective permission = SMART scopes ∩ Casbin policy (∩ consent, in
-//! its own issue).
+//! The one decision point: effective permission = SMART scopes ∩ Casbin policy ∩ patient
+//! consent (with break-the-glass).
 //!
 //! Two steps, so that each interaction costs a fixed number of policy evaluations and never one
 //! per stored row:
@@ -7,8 +7,9 @@
 //!    ever allow this interaction on this type? No → 403. Yes → a [`Permit`], the only way to
 //!    obtain the store [`Scope`] that every storage call needs (authorization as a capability).
 //! 2. [`Decider::visible`], per resource: does this particular resource fall within the permit
-//!    (compartment, care team, security labels, granular scope constraints, policy attributes)?
-//!    No → it answers like a missing resource (404), or is left out of a Bundle.
+//!    (compartment, care team, security labels, granular scope constraints, policy attributes,
+//!    and then the patient's Consents, see [`crate::consent`])? No → it answers like a missing
+//!    resource (404), or is left out of a Bundle.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,8 @@ use serde_json::Value;
 use super::policy::{PolicyAttributes, PolicyEngine};
 use super::principal::Principal;
 use super::scopes::{Permission, ScopeContext, ScopeGrant};
+use crate::consent::enforce::{ConsentSource, RequestConsents};
+use crate::consent::{self, AccessRequest, ConsentAction, Verdict};
 use crate::crypto::vault::Vault;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{Scope, Store};
@@ -83,6 +86,8 @@ pub struct Permit {
     constraints: Option<Vec<Vec<(String, String)>>>,
     /// The caller's own compartment pseudonym, when the caller is (or launched as) a patient.
     own_compartment: Option<String>,
+    /// The patients' directives read for this request (a permit lives one request).
+    consents: Arc<RequestConsents>,
 }
 
 impl Permit {
@@ -129,6 +134,8 @@ impl Permit {
 /// What the visibility check knows about one stored resource.
 pub struct ResourceFacts<'a> {
     pub resource_type: &'a str,
+    /// The logical id (`None` for a resource not yet created).
+    pub id: Option<&'a str>,
     /// The compartment pseudonym of the row.
     pub compartment: Option<&'a str>,
     /// The resource JSON; `None` for a deletion.
@@ -142,6 +149,9 @@ pub struct Decider {
     vault: Arc<Vault>,
     tenant: String,
     care_teams: moka::sync::Cache<(String, String), bool>,
+    consents: ConsentSource,
+    /// The decision when no Consent of the patient speaks to an access.
+    consent_default: Verdict,
 }
 
 impl Decider {
@@ -151,9 +161,12 @@ impl Decider {
         store: Arc<dyn Store>,
         vault: Arc<Vault>,
         tenant: String,
+        consent_default: Verdict,
     ) -> Self {
         Decider {
             policy,
+            consents: ConsentSource::new(store.clone(), vault.clone()),
+            consent_default,
             store,
             vault,
             tenant,
@@ -250,6 +263,7 @@ impl Decider {
             patient_confined,
             constraints,
             own_compartment,
+            consents: Arc::default(),
         })
     }
 
@@ -258,6 +272,21 @@ impl Decider {
     /// # Errors
     /// 503/500 when the care-team lookup cannot read the store.
     pub async fn visible(&self, permit: &Permit, facts: &ResourceFacts<'_>) -> ApiResult<bool> {
+        if !self.writable(permit, facts).await? {
+            return Ok(false);
+        }
+        let in_own_compartment =
+            facts.compartment.is_some() && facts.compartment == permit.own_compartment.as_deref();
+        self.consent_allows(permit, facts, in_own_compartment).await
+    }
+
+    /// Whether new content falls within the permit: everything [`Decider::visible`] checks but
+    /// the patient's Consents, which govern access to what is stored, not the recording of care
+    /// (the caller knows what they send).
+    ///
+    /// # Errors
+    /// 503/500 when the care-team lookup cannot read the store.
+    pub async fn writable(&self, permit: &Permit, facts: &ResourceFacts<'_>) -> ApiResult<bool> {
         if permit
             .resource_type
             .as_deref()
@@ -306,6 +335,107 @@ impl Decider {
         ))
     }
 
+    /// Whether judging a resource of `compartment` under the patient's Consents needs its
+    /// content (the caller then parses the body).
+    ///
+    /// # Errors
+    /// 503 when the patient's Consents cannot be read.
+    pub async fn needs_content(
+        &self,
+        permit: &Permit,
+        resource_type: &str,
+        compartment: Option<&str>,
+    ) -> ApiResult<bool> {
+        if permit.needs_content() {
+            return Ok(true);
+        }
+        match compartment {
+            Some(compartment) if consent_applies(permit, resource_type, compartment) => Ok(self
+                .consents
+                .directives(&permit.consents, &permit.scope, compartment)
+                .await?
+                .iter()
+                .any(consent::Directive::reads_content)),
+            _ => Ok(false),
+        }
+    }
+
+    /// Reads the Consents of these compartments at once (a page of search results).
+    ///
+    /// # Errors
+    /// 503 when the patient's Consents cannot be read.
+    pub async fn prefetch_consents(
+        &self,
+        permit: &Permit,
+        compartments: &[String],
+    ) -> ApiResult<()> {
+        self.consents
+            .prefetch(&permit.consents, &permit.scope, compartments)
+            .await
+    }
+
+    /// The patient's Consents on an access the policy allows; an emergency declaration
+    /// overrides a deny (and the override is recorded).
+    async fn consent_allows(
+        &self,
+        permit: &Permit,
+        facts: &ResourceFacts<'_>,
+        in_own_compartment: bool,
+    ) -> ApiResult<bool> {
+        let Some(compartment) = facts.compartment else {
+            return Ok(true);
+        };
+        if in_own_compartment || !consent_applies(permit, facts.resource_type, compartment) {
+            return Ok(true);
+        }
+        let action = match permit.interaction {
+            Interaction::Create | Interaction::Update | Interaction::Delete => {
+                ConsentAction::Correct
+            }
+            _ => ConsentAction::Access,
+        };
+        let directives = self
+            .consents
+            .directives(&permit.consents, &permit.scope, compartment)
+            .await?;
+        if directives.is_empty() && self.consent_default == Verdict::Permit {
+            return Ok(true);
+        }
+        let caller = self
+            .consents
+            .caller_references(
+                &permit.consents,
+                &permit.scope,
+                &permit.principal,
+                &directives,
+            )
+            .await?;
+        let request = AccessRequest {
+            action,
+            purpose: permit.principal.purpose_of_use.as_deref(),
+            caller: &caller,
+            resource_type: facts.resource_type,
+            resource_id: facts.id,
+            resource: facts.resource,
+            now: chrono::Utc::now(),
+        };
+        let decision = consent::decide(&directives, &request, self.consent_default);
+        let overridden = decision.verdict == Verdict::Deny
+            && permit
+                .principal
+                .emergency
+                .as_ref()
+                .is_some_and(|emergency| {
+                    chrono::Utc::now().timestamp_micros() <= emergency.expires_us
+                });
+        crate::api::audit::note_consent(
+            decision.decided_by.as_deref(),
+            decision.verdict,
+            overridden,
+        );
+        Ok(decision.verdict == Verdict::Permit || overridden)
+    }
+
     /// Whether the practitioner is on the care team of the patient behind `compartment`: the
     /// Patient's `generalPractitioner` names them, or an active CareTeam of the patient lists
     /// them as a participant.
@@ -350,6 +480,15 @@ impl Decider {
     }
 }
 
+/// Whether the patient's Consents govern this access at all. They govern everyone but the
+/// patient themselves, except for the Consents (everyone who may read a Consent must be able
+/// to learn what the patient decided) and the server's own operator work (`custodian import`
+/// reading back what it loads is not a disclosure).
+fn consent_applies(permit: &Permit, resource_type: &str, compartment: &str) -> bool {
+    let own = permit.own_compartment.as_deref() == Some(compartment);
+    !own && resource_type != "Consent" && permit.principal.issuer != crate::import::OPERATOR_ISSUER
+}
+
 /// Whether a reference element (or list of them) points at `target` (`Practitioner/123`,
 /// relative or absolute).
 fn references(element: &Value, target: &str) -> bool {
@@ -368,7 +507,7 @@ fn references(element: &Value, target: &str) -> bool {
 
 /// Whether a FHIR Period (absent = open) includes the present moment. Bounds that cannot be read
 /// count as not including it (fail closed).
-fn period_includes_now(period: &Value) -> bool {
+pub(crate) fn period_includes_now(period: &Value) -> bool {
     let now = chrono::Utc::now();
     let bound = |name: &str| -> Option<Option<chrono::DateTime<chrono::Utc>>> {
         match period.get(name).and_then(Value::as_str) {

@@ -36,7 +36,16 @@ pub const POLICY_FILE: &str = "policy.csv";
 
 /// The FHIR interactions a policy line may name (besides `*`).
 const INTERACTIONS: &[&str] = &[
-    "read", "vread", "search", "history", "create", "update", "delete",
+    "read",
+    "vread",
+    "search",
+    "history",
+    "create",
+    "update",
+    "delete",
+    // Not a FHIR interaction: may the role override a consent deny in an emergency
+    // (`crate::consent::break_glass`)?
+    "break-glass",
 ];
 
 /// The fields of [`PolicyAttributes`], the only names a condition may read from `r.attrs`.

@@ -50,6 +50,18 @@ pub struct Principal {
     pub purpose_of_use: Option<String>,
     /// `exp`, seconds since the epoch.
     pub expires_at: i64,
+    /// A break-the-glass declaration in force for this request (`X-Break-Glass` with a reason,
+    /// by a role the policy lets override, within the token's time box); never from the token.
+    pub emergency: Option<Emergency>,
+}
+
+/// An emergency override in force for one request (see `consent::break_glass`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emergency {
+    /// The break-the-glass session the request belongs to.
+    pub session_id: String,
+    /// When the session's time box closes, microseconds since the epoch.
+    pub expires_us: i64,
 }
 
 impl Principal {

@@ -313,6 +313,7 @@ impl TokenValidator {
                 .get("exp")
                 .and_then(Value::as_i64)
                 .unwrap_or_default(),
+            emergency: None,
         })
     }
 }

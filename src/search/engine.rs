@@ -568,12 +568,21 @@ impl<'a> Search<'a> {
             let Some(permit) = self.permits.get(&resource_type) else {
                 continue;
             };
-            for record in self
+            let records = self
                 .app
                 .store
                 .read_current_many(&self.scope, &resource_type, &ids)
-                .await?
-            {
+                .await?;
+            // One query for the Consents of every patient on this page, not one per resource.
+            let compartments: Vec<String> = records
+                .iter()
+                .filter_map(|record| record.compartment.clone())
+                .collect();
+            self.app
+                .decider
+                .prefetch_consents(permit, &compartments)
+                .await?;
+            for record in records {
                 if record.deleted {
                     continue;
                 }

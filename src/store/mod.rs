@@ -251,6 +251,36 @@ pub struct Checkpoint {
     pub signature: Vec<u8>,
 }
 
+/// A break-the-glass session: the time box an access token's first emergency override opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakGlassSession {
+    pub tenant: String,
+    pub session_id: String,
+    /// SHA-256 (hex) of the access token: the session belongs to one token, never stored.
+    pub token_hash: String,
+    pub subject: String,
+    pub fhir_user: Option<String>,
+    /// The caller's roles, comma-separated.
+    pub roles: String,
+    pub opened_us: i64,
+    pub expires_us: i64,
+    /// The stated reason, sealed (it may name a patient).
+    pub reason: Vec<u8>,
+}
+
+/// A compliance review of a break-the-glass session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakGlassReview {
+    pub tenant: String,
+    pub session_id: String,
+    pub reviewed_us: i64,
+    pub reviewer: String,
+    /// `justified`, `unjustified` or `needs-follow-up`.
+    pub status: String,
+    /// The reviewer's note, sealed.
+    pub note: Option<Vec<u8>>,
+}
+
 /// Filters of the compliance queries over the audit log (all optional, ANDed).
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -488,6 +518,62 @@ pub trait Store: Send + Sync + 'static {
         after_id: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<VersionRecord>>;
+
+    /// The current, not deleted Consents in these patient compartments (the consent check
+    /// reads them on every request that touches a compartment, so this is one indexed query).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn current_consents(
+        &self,
+        scope: &Scope,
+        compartments: &[String],
+    ) -> StoreResult<Vec<VersionRecord>>;
+
+    /// Opens `session` unless the same token already opened one; returns the session in force
+    /// for the token (the new one or the earlier one, whose time box is not extended).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn open_break_glass(&self, session: &BreakGlassSession)
+        -> StoreResult<BreakGlassSession>;
+
+    /// The break-the-glass sessions opened at or after `since_us`, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn break_glass_sessions(
+        &self,
+        tenant: &str,
+        since_us: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<BreakGlassSession>>;
+
+    /// One break-the-glass session by id.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn break_glass_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> StoreResult<Option<BreakGlassSession>>;
+
+    /// Records a review; `false` when the session does not exist.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn add_break_glass_review(&self, review: &BreakGlassReview) -> StoreResult<bool>;
+
+    /// Every review of these sessions, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn break_glass_reviews(
+        &self,
+        tenant: &str,
+        session_ids: &[String],
+    ) -> StoreResult<Vec<BreakGlassReview>>;
 
     /// The `(type, id)` of the resources that may match a search (see [`CandidateQuery`]).
     ///

@@ -16,9 +16,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    AuditEntry, AuditQuery, CandidateFilter, CandidateQuery, Checkpoint, Expected, HistoryQuery,
-    IndexRows, RangeBounds, Scope, Store, StoreError, StoreResult, StoredAudit, StoredDataKey,
-    VersionRecord, VersionWrite, WriteMethod,
+    AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
+    Checkpoint, Expected, HistoryQuery, IndexRows, RangeBounds, Scope, Store, StoreError,
+    StoreResult, StoredAudit, StoredDataKey, VersionRecord, VersionWrite, WriteMethod,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -284,6 +284,11 @@ fn decode_data_key(row: &AnyRow) -> StoreResult<StoredDataKey> {
         kek_id: row.try_get("kek_id").map_err(get_error)?,
         wrapped: row.try_get("wrapped").map_err(get_error)?,
     })
+}
+
+/// A column that does not decode: a schema mismatch, reported without the row's values.
+fn internal(error: sqlx::Error) -> StoreError {
+    StoreError::Internal(format!("bad row: {error}"))
 }
 
 fn micros(time: DateTime<Utc>) -> i64 {
@@ -792,6 +797,148 @@ impl Store for SqlStore {
             .collect()
     }
 
+    async fn current_consents(
+        &self,
+        scope: &Scope,
+        compartments: &[String],
+    ) -> StoreResult<Vec<VersionRecord>> {
+        let mut records = Vec::new();
+        for chunk in compartments.chunks(MAX_LIST_BINDS) {
+            let list = placeholders(2, chunk.len());
+            // The type is a literal so that the partial index (0006_consent.sql) applies.
+            let statement = format!(
+                "SELECT {VERSION_COLUMNS} FROM resource_versions v \
+                 JOIN resource_heads h ON h.tenant = v.tenant AND h.resource_type = v.resource_type \
+                  AND h.resource_id = v.resource_id AND h.version_id = v.version_id \
+                 WHERE v.tenant = $1 AND v.resource_type = 'Consent' AND v.compartment IN ({list}) \
+                  AND h.deleted = 0"
+            );
+            let mut sql = sqlx::query(&statement).bind(scope.tenant());
+            for compartment in chunk {
+                sql = sql.bind(compartment.as_str());
+            }
+            for row in &sql.fetch_all(&self.pool).await.map_err(classify)? {
+                records.push(decode(row)?);
+            }
+        }
+        Ok(records)
+    }
+
+    async fn open_break_glass(
+        &self,
+        session: &BreakGlassSession,
+    ) -> StoreResult<BreakGlassSession> {
+        sqlx::query(
+            "INSERT INTO break_glass_sessions (tenant, session_id, token_hash, subject, fhir_user, \
+             roles, opened_us, expires_us, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (tenant, token_hash) DO NOTHING",
+        )
+        .bind(session.tenant.as_str())
+        .bind(session.session_id.as_str())
+        .bind(session.token_hash.as_str())
+        .bind(session.subject.as_str())
+        .bind(session.fhir_user.as_deref())
+        .bind(session.roles.as_str())
+        .bind(session.opened_us)
+        .bind(session.expires_us)
+        .bind(session.reason.as_slice())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        let row = sqlx::query(&format!(
+            "SELECT {BREAK_GLASS_COLUMNS} FROM break_glass_sessions WHERE tenant = $1 AND token_hash = $2"
+        ))
+        .bind(session.tenant.as_str())
+        .bind(session.token_hash.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        decode_break_glass(&row)
+    }
+
+    async fn break_glass_sessions(
+        &self,
+        tenant: &str,
+        since_us: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<BreakGlassSession>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BREAK_GLASS_COLUMNS} FROM break_glass_sessions \
+             WHERE tenant = $1 AND opened_us >= $2 ORDER BY opened_us DESC, session_id LIMIT $3"
+        ))
+        .bind(tenant)
+        .bind(since_us)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(decode_break_glass).collect()
+    }
+
+    async fn break_glass_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> StoreResult<Option<BreakGlassSession>> {
+        let row = sqlx::query(&format!(
+            "SELECT {BREAK_GLASS_COLUMNS} FROM break_glass_sessions WHERE tenant = $1 AND session_id = $2"
+        ))
+        .bind(tenant)
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.as_ref().map(decode_break_glass).transpose()
+    }
+
+    async fn add_break_glass_review(&self, review: &BreakGlassReview) -> StoreResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO break_glass_reviews (tenant, session_id, reviewed_us, reviewer, status, note) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS \
+             (SELECT 1 FROM break_glass_sessions WHERE tenant = $1 AND session_id = $2)",
+        )
+        .bind(review.tenant.as_str())
+        .bind(review.session_id.as_str())
+        .bind(review.reviewed_us)
+        .bind(review.reviewer.as_str())
+        .bind(review.status.as_str())
+        .bind(review.note.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn break_glass_reviews(
+        &self,
+        tenant: &str,
+        session_ids: &[String],
+    ) -> StoreResult<Vec<BreakGlassReview>> {
+        let mut reviews = Vec::new();
+        for chunk in session_ids.chunks(MAX_LIST_BINDS) {
+            let list = placeholders(2, chunk.len());
+            let statement = format!(
+                "SELECT tenant, session_id, reviewed_us, reviewer, status, note FROM break_glass_reviews \
+                 WHERE tenant = $1 AND session_id IN ({list}) ORDER BY reviewed_us"
+            );
+            let mut sql = sqlx::query(&statement).bind(tenant);
+            for id in chunk {
+                sql = sql.bind(id.as_str());
+            }
+            for row in &sql.fetch_all(&self.pool).await.map_err(classify)? {
+                reviews.push(BreakGlassReview {
+                    tenant: row.try_get(0).map_err(internal)?,
+                    session_id: row.try_get(1).map_err(internal)?,
+                    reviewed_us: row.try_get(2).map_err(internal)?,
+                    reviewer: row.try_get(3).map_err(internal)?,
+                    status: row.try_get(4).map_err(internal)?,
+                    note: row.try_get(5).map_err(internal)?,
+                });
+            }
+        }
+        Ok(reviews)
+    }
+
     async fn read_current_many(
         &self,
         scope: &Scope,
@@ -936,6 +1083,23 @@ async fn write_in(
 const MAX_LIST_BINDS: usize = 500;
 
 /// `$first, $first+1, …` for `count` values.
+const BREAK_GLASS_COLUMNS: &str = "tenant, session_id, token_hash, subject, fhir_user, roles, \
+     opened_us, expires_us, reason";
+
+fn decode_break_glass(row: &AnyRow) -> StoreResult<BreakGlassSession> {
+    Ok(BreakGlassSession {
+        tenant: row.try_get(0).map_err(internal)?,
+        session_id: row.try_get(1).map_err(internal)?,
+        token_hash: row.try_get(2).map_err(internal)?,
+        subject: row.try_get(3).map_err(internal)?,
+        fhir_user: row.try_get(4).map_err(internal)?,
+        roles: row.try_get(5).map_err(internal)?,
+        opened_us: row.try_get(6).map_err(internal)?,
+        expires_us: row.try_get(7).map_err(internal)?,
+        reason: row.try_get(8).map_err(internal)?,
+    })
+}
+
 fn placeholders(first: usize, count: usize) -> String {
     (first..first + count)
         .map(|number| format!("${number}"))

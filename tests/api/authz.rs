@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::both_backends;
 use crate::helpers::{TestApp, FHIR_JSON};
 
-fn caller(role: &str, scope: &str) -> DevTokenRequest {
+pub(crate) fn caller(role: &str, scope: &str) -> DevTokenRequest {
     DevTokenRequest {
         subject: format!("test-{role}"),
         roles: vec![role.to_string()],
@@ -18,7 +18,7 @@ fn caller(role: &str, scope: &str) -> DevTokenRequest {
     }
 }
 
-fn patient_caller(patient: &str) -> DevTokenRequest {
+pub(crate) fn patient_caller(patient: &str) -> DevTokenRequest {
     DevTokenRequest {
         patient: Some(patient.to_string()),
         fhir_user: Some(format!("Patient/{patient}")),
@@ -26,7 +26,7 @@ fn patient_caller(patient: &str) -> DevTokenRequest {
     }
 }
 
-fn practitioner_caller(practitioner: &str) -> DevTokenRequest {
+pub(crate) fn practitioner_caller(practitioner: &str) -> DevTokenRequest {
     DevTokenRequest {
         fhir_user: Some(format!("Practitioner/{practitioner}")),
         ..caller("practitioner", "user/*.cruds")

@@ -8,6 +8,7 @@ mod authz;
 mod bad_input;
 mod bundle;
 mod conditional;
+mod consent;
 mod crud;
 mod encryption;
 mod examples;
