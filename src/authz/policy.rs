@@ -679,6 +679,7 @@ mod tests {
             ("practitioner", "Condition", "read", tenant().care_team().restricted(), DENY),
             ("practitioner", "Condition", "read", tenant().care_team().restricted().purpose("TREAT"), DENY),
             ("practitioner", "Condition", "read", tenant().care_team().restricted().purpose("ETREAT"), ALLOW),
+            ("practitioner", "*", "break-glass", tenant().purpose("ETREAT"), ALLOW),
             ("practitioner", "Condition", "search", tenant().care_team().restricted().purpose("ETREAT"), ALLOW),
             ("practitioner", "Condition", "update", tenant().care_team().restricted().purpose("ETREAT"), DENY),
             ("practitioner", "Condition", "create", tenant().care_team().restricted().purpose("ETREAT"), DENY),
@@ -703,8 +704,10 @@ mod tests {
             ("patient", "Medication", "read", tenant().outside(), DENY),
             ("patient", "Consent", "create", tenant().own(), ALLOW),
             ("patient", "Consent", "update", tenant().own(), ALLOW),
-            ("patient", "Consent", "delete", tenant().own(), DENY),
+            ("patient", "Consent", "delete", tenant().own(), ALLOW),
             ("patient", "Consent", "create", tenant(), DENY),
+            ("patient", "Consent", "delete", tenant(), DENY),
+            ("patient", "*", "break-glass", tenant().purpose("ETREAT"), DENY),
             ("patient", "AuditEvent", "read", tenant().own(), DENY),
             // ehr-system: everything in the tenant, restricted included; no audit trail.
             ("ehr-system", "Observation", "read", tenant(), ALLOW),
@@ -716,6 +719,7 @@ mod tests {
             ("ehr-system", "AuditEvent", "read", tenant(), DENY),
             ("ehr-system", "AuditEvent", "search", tenant().outside(), DENY),
             ("ehr-system", "AuditEvent", "create", tenant(), DENY),
+            ("ehr-system", "*", "break-glass", tenant().purpose("ETREAT"), DENY),
             // compliance-officer: audit trail and consents, read-only; no clinical data.
             ("compliance-officer", "AuditEvent", "read", tenant(), ALLOW),
             ("compliance-officer", "AuditEvent", "search", tenant().outside(), ALLOW),

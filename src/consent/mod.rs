@@ -191,6 +191,23 @@ impl Holds {
 }
 
 impl Provision {
+    /// A provision that denies every access.
+    fn deny_all() -> Provision {
+        Provision {
+            verdict: Verdict::Deny,
+            period: None,
+            actors: Vec::new(),
+            actions: Vec::new(),
+            security_labels: Vec::new(),
+            purposes: Vec::new(),
+            classes: Vec::new(),
+            codes: Vec::new(),
+            data_period: None,
+            data: Vec::new(),
+            exceptions: Vec::new(),
+        }
+    }
+
     /// The provision's verdict if it applies, an exception's if one applies in turn.
     fn evaluate(&self, request: &AccessRequest<'_>) -> Option<Verdict> {
         let holds = self.criteria(request);
@@ -324,13 +341,16 @@ pub struct Directive {
 
 impl Directive {
     /// The directive a stored Consent expresses; `None` when it does not take part in access
-    /// decisions (not active, another scope, no usable provision).
+    /// decisions (not active, another scope).
     pub fn compile(id: &str, version: i64, consent: &Value) -> Option<Directive> {
         if consent["status"] != "active" || !is_patient_privacy(consent) {
             return None;
         }
-        let root_verdict = root_verdict(consent).ok()?;
-        let root = compile_provision(&consent["provision"], root_verdict).ok()?;
+        // Fail closed: an active directive this server cannot read (stored before validation
+        // existed, or altered in the database) denies everything rather than nothing.
+        let root = root_verdict(consent)
+            .and_then(|verdict| compile_provision(&consent["provision"], verdict))
+            .unwrap_or_else(|_| Provision::deny_all());
         let recorded = consent["dateTime"]
             .as_str()
             .or(consent["meta"]["lastUpdated"].as_str())

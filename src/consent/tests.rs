@@ -222,6 +222,18 @@ fn only_active_privacy_consents_take_part() {
 }
 
 #[test]
+fn an_unreadable_active_consent_denies_everything() {
+    let broken = consent(json!({"type": "sometimes", "actor": [actor("Practitioner/a")]}));
+    let directives = [directive("broken", &broken)];
+    let decision = ask(&directives, read_by(&["Practitioner/b"], observation()));
+    assert_eq!(decision.verdict, Verdict::Deny);
+    assert_eq!(
+        decision.decided_by.as_deref(),
+        Some("Consent/broken/_history/1")
+    );
+}
+
+#[test]
 fn validation_names_what_is_wrong() {
     assert!(validate(&consent(
         json!({"type": "deny", "actor": [actor("Practitioner/a")]})
