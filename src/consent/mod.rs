@@ -431,10 +431,13 @@ pub fn validate(consent: &Value) -> Vec<String> {
         );
     }
     if !consent["provision"].is_object() {
-        problems.push(
-            "Consent.provision is required for a patient-privacy consent: it states what is permitted or denied"
-                .to_string(),
-        );
+        // Without provisions an opt-in or opt-out policyRule is the whole directive.
+        if root_verdict(consent).is_err() {
+            problems.push(
+                "Consent.provision is required for a patient-privacy consent unless policyRule is OPTIN or OPTOUT: it states what is permitted or denied"
+                    .to_string(),
+            );
+        }
         return problems;
     }
     match root_verdict(consent) {

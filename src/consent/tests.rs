@@ -268,8 +268,20 @@ fn validation_names_what_is_wrong() {
     let mut no_patient = consent(json!({"type": "deny"}));
     no_patient["patient"] = json!({"reference": "Group/g"});
     assert!(validate(&no_patient).iter().any(|p| p.contains("ppc-2")));
-    let mut no_provision = consent(json!({}));
-    no_provision.as_object_mut().unwrap().remove("provision");
+    let mut opt_out_only = consent(json!({}));
+    opt_out_only.as_object_mut().unwrap().remove("provision");
+    opt_out_only["policyRule"]["coding"][0]["code"] = json!("OPTOUT");
+    assert!(
+        validate(&opt_out_only).is_empty(),
+        "a bare opt-out is a whole directive"
+    );
+    let directives = [directive("out", &opt_out_only)];
+    assert_eq!(
+        ask(&directives, read_by(&[], observation())).verdict,
+        Verdict::Deny
+    );
+    let mut no_provision = opt_out_only.clone();
+    no_provision["policyRule"]["coding"][0]["code"] = json!("HIPAA-Auth");
     assert!(validate(&no_provision)
         .iter()
         .any(|p| p.contains("provision is required")));

@@ -541,6 +541,7 @@ async fn consents_are_validated_and_owned(app: TestApp) {
     }
     let mut no_provision = consent(&world, json!({}));
     no_provision.as_object_mut().unwrap().remove("provision");
+    no_provision["policyRule"]["coding"][0]["code"] = json!("HIPAA-Auth");
     let (status, outcome) = call(
         &app,
         &patient_token,
