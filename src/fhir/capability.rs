@@ -109,8 +109,11 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                     "code": "SMART-on-FHIR"
                 }] }],
-                "description": "OAuth 2.0 bearer tokens (JWT) with SMART App Launch v2 scopes; \
-                    see /.well-known/smart-configuration"
+                "description": "OAuth 2.0 bearer tokens (JWT) with SMART App Launch v2 scopes \
+                    (see /.well-known/smart-configuration), a Casbin access policy, and the \
+                    patient's active patient-privacy Consents on every read, search and history; \
+                    emergency access by header X-Break-Glass with a reason, time-boxed and \
+                    audited (DCM 110127)"
             },
             "resource": resources,
             "interaction": [{ "code": "history-system" }, { "code": "search-system" }],
