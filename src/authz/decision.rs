@@ -34,6 +34,9 @@ pub enum Interaction {
     Create,
     Update,
     Delete,
+    /// `Patient/$erase`: destroys a whole patient compartment (needs a `.d` scope on Patient and
+    /// a policy line naming `erase`).
+    Erase,
 }
 
 impl Interaction {
@@ -48,7 +51,7 @@ impl Interaction {
             }
             Interaction::Create => Permission::Create,
             Interaction::Update => Permission::Update,
-            Interaction::Delete => Permission::Delete,
+            Interaction::Delete | Interaction::Erase => Permission::Delete,
         }
     }
 
@@ -64,6 +67,7 @@ impl Interaction {
             Interaction::Create => "create",
             Interaction::Update => "update",
             Interaction::Delete => "delete",
+            Interaction::Erase => "erase",
         }
     }
 }

@@ -36,7 +36,7 @@ pub const POLICY_FILE: &str = "policy.csv";
 
 /// The FHIR interactions a policy line may name (besides `*`).
 const INTERACTIONS: &[&str] = &[
-    "read", "vread", "search", "history", "create", "update", "delete",
+    "read", "vread", "search", "history", "create", "update", "delete", "erase",
 ];
 
 /// The fields of [`PolicyAttributes`], the only names a condition may read from `r.attrs`.
@@ -731,6 +731,16 @@ mod tests {
             ("admin", "Patient", "search", tenant(), DENY),
             ("admin", "Consent", "read", tenant(), DENY),
             ("admin", "Organization", "create", tenant().outside().other_tenant(), DENY),
+            // erase (Patient/$erase): compliance-officer only; ehr-system's and admin's broad
+            // lines are denied it explicitly, the clinical roles have no line that names it.
+            ("compliance-officer", "Patient", "erase", tenant(), ALLOW),
+            ("compliance-officer", "Patient", "erase", tenant().restricted(), ALLOW),
+            ("compliance-officer", "Patient", "erase", tenant().other_tenant(), DENY),
+            ("compliance-officer", "Observation", "erase", tenant(), DENY),
+            ("ehr-system", "Patient", "erase", tenant(), DENY),
+            ("admin", "Patient", "erase", tenant().outside(), DENY),
+            ("practitioner", "Patient", "erase", tenant().care_team(), DENY),
+            ("patient", "Patient", "erase", tenant().own(), DENY),
             // Unknown roles have no lines and so no access.
             ("nurse", "Observation", "read", tenant().care_team(), DENY),
             ("", "Observation", "read", tenant().care_team(), DENY),
