@@ -10,6 +10,8 @@ mod bundle;
 mod conditional;
 mod crud;
 mod encryption;
+mod erasure;
+mod everything;
 mod examples;
 mod formats;
 mod history;
