@@ -37,7 +37,11 @@ pub async fn authenticate(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    if OPEN_PATHS.contains(&path) || path.starts_with(OPERATION_DEFINITIONS) {
+    // Only `/OperationDefinition/{id}` itself: deeper paths (`…/{id}/_history`) are other routes.
+    let operation_definition = path
+        .strip_prefix(OPERATION_DEFINITIONS)
+        .is_some_and(|id| !id.contains('/'));
+    if OPEN_PATHS.contains(&path) || operation_definition {
         return next.run(request).await;
     }
     let token = request

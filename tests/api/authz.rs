@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use crate::both_backends;
 use crate::helpers::{TestApp, FHIR_JSON};
 
-fn caller(role: &str, scope: &str) -> DevTokenRequest {
+/// A development token request for `role` with `scope` (ten minutes).
+pub(crate) fn caller(role: &str, scope: &str) -> DevTokenRequest {
     DevTokenRequest {
         subject: format!("test-{role}"),
         roles: vec![role.to_string()],

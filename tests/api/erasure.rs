@@ -9,28 +9,13 @@ use serde_json::{json, Value};
 use custodian::authz::dev::DevTokenRequest;
 use sqlx::Connection;
 
+use crate::authz::caller;
 use crate::both_backends;
 use crate::encryption::{canary_patient, contains, custodian, database_bytes, encodings, CANARY};
 use crate::helpers::{Backend, TestApp, FHIR_JSON};
 
 fn compliance_officer() -> DevTokenRequest {
-    DevTokenRequest {
-        subject: "test-compliance".into(),
-        roles: vec!["compliance-officer".into()],
-        scope: "user/AuditEvent.rs user/Patient.d".into(),
-        lifetime_secs: 600,
-        ..DevTokenRequest::default()
-    }
-}
-
-fn caller(role: &str, scope: &str) -> DevTokenRequest {
-    DevTokenRequest {
-        subject: format!("test-{role}"),
-        roles: vec![role.to_string()],
-        scope: scope.to_string(),
-        lifetime_secs: 600,
-        ..DevTokenRequest::default()
-    }
+    caller("compliance-officer", "user/AuditEvent.rs user/Patient.d")
 }
 
 async fn erase_as(app: &TestApp, token: &str, patient: &str) -> (u16, Value) {
@@ -222,7 +207,11 @@ async fn erasure_shreds_the_record(app: TestApp) {
 
     // Every read path: 404 or nothing.
     let erased_ids: Vec<String> = std::iter::once(patient.clone())
-        .chain(others.iter().map(|key| key.split('/').nth(1).unwrap().to_string()))
+        .chain(
+            others
+                .iter()
+                .map(|key| key.split('/').nth(1).unwrap().to_string()),
+        )
         .collect();
     for path in [
         format!("Patient/{patient}"),
@@ -237,7 +226,9 @@ async fn erasure_shreds_the_record(app: TestApp) {
     }
     let system_history = app.get_json("_history?_count=500", 200).await["entry"].to_string();
     assert!(
-        erased_ids.iter().all(|id| !system_history.contains(id.as_str())),
+        erased_ids
+            .iter()
+            .all(|id| !system_history.contains(id.as_str())),
         "system history still lists the erased record: {system_history}"
     );
     for search in [
@@ -406,7 +397,11 @@ async fn another_node_stops_serving_at_once(app: TestApp) {
     let search = other_node
         .get_json(&format!("Observation?subject=Patient/{patient}"), 200)
         .await;
-    assert_eq!(search["entry"].as_array().map(Vec::len).unwrap_or_default(), 0, "{search}");
+    assert_eq!(
+        search["entry"].as_array().map(Vec::len).unwrap_or_default(),
+        0,
+        "{search}"
+    );
     // A write into the erased compartment on the other node does not revive it: the patient is
     // gone, so the new Observation lands in a fresh compartment with a fresh key.
     let late = other_node
@@ -556,7 +551,11 @@ async fn a_restored_older_backup_does_not_bring_the_patient_back(app: TestApp) {
     let search = restored
         .get_json(&format!("Observation?subject=Patient/{patient}"), 200)
         .await;
-    assert_eq!(search["entry"].as_array().map(Vec::len).unwrap_or_default(), 0, "{search}");
+    assert_eq!(
+        search["entry"].as_array().map(Vec::len).unwrap_or_default(),
+        0,
+        "{search}"
+    );
     // The rest of the copy is served as it was.
     assert_eq!(
         restored.get(&format!("Patient/{control}")).await.status(),
@@ -579,3 +578,46 @@ both_backends!(
     restored_backup,
     super::a_restored_older_backup_does_not_bring_the_patient_back
 );
+
+/// On PostgreSQL the server runs as a login role in `custodian_app` (README, Audit): the
+/// migrations must grant it what erasure and the ledger's re-application need, and no more on
+/// the tombstones than reading and adding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_as_the_application_role_postgres() {
+    let Some(app) = crate::helpers::spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let (patient, others) = canary_record(&app, 7).await;
+    let pseudonym = pseudonym_of(&app, &patient).await;
+    let role = format!("custodian_erase_{}", uuid::Uuid::new_v4().simple());
+    app.execute(&format!("CREATE ROLE {role} LOGIN IN ROLE custodian_app"))
+        .await;
+    let (server, database) = app.database_url.rsplit_once('/').unwrap();
+    let as_role = format!(
+        "{}{role}@{}/{database}",
+        &server[..server.find("//").unwrap() + 2],
+        &server[server.find('@').unwrap() + 1..]
+    );
+    let node = app
+        .node_with(&as_role, |settings| settings.migrate_on_start = false)
+        .await;
+    // The node shares the first node's data directory, where the development issuer's key is.
+    let token = crate::helpers::dev_token(app.data_dir(), &node.base_url, compliance_officer());
+    let (status, receipt) = erase_as(&node, &token, &patient).await;
+    assert_eq!(status, 200, "{receipt}");
+    assert_eq!(rows_of(&app, &pseudonym).await, 0);
+    assert_eq!(node.get(&others[0]).await.status(), 404);
+    // Tombstones: read and added, never changed or removed by the application.
+    for statement in [
+        format!("UPDATE erasures SET resources_erased = 0 WHERE pseudonym = '{pseudonym}'"),
+        format!("DELETE FROM erasures WHERE pseudonym = '{pseudonym}'"),
+    ] {
+        let script = format!("SET ROLE {role}; {statement}");
+        assert!(app.try_execute(&script).await.is_err(), "{statement}");
+    }
+    drop(node);
+    // Best effort: the node's connections may still be closing.
+    let _ = app
+        .try_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await;
+}

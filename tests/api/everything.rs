@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use custodian::authz::dev::DevTokenRequest;
 use serde_json::{json, Value};
 
+use crate::authz::caller;
 use crate::both_backends;
 use crate::bundle::{located, post, response_entries, status_of, synthea_bundles};
 use crate::helpers::TestApp;
@@ -76,16 +77,6 @@ pub(crate) async fn load_synthea_patient(app: &TestApp) -> SyntheaPatient {
     let patient = patient.expect("the Synthea patient's Bundle");
     assert!(patient.compartment.len() > 50, "a typical Synthea patient");
     patient
-}
-
-fn caller(role: &str, scope: &str) -> DevTokenRequest {
-    DevTokenRequest {
-        subject: format!("test-{role}"),
-        roles: vec![role.to_string()],
-        scope: scope.to_string(),
-        lifetime_secs: 600,
-        ..DevTokenRequest::default()
-    }
 }
 
 /// Every page of `$everything` from `path` (following `next`): the Bundles, and the `Type/id`
@@ -393,6 +384,16 @@ async fn the_capability_statement_declares_both_operations(app: TestApp) {
             .unwrap()
             .status(),
         404
+    );
+    // Only the definition itself is open: deeper paths need a token like everything else.
+    assert_eq!(
+        app.anonymous
+            .get(app.url("OperationDefinition/erase/_history"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
     );
     // Unknown operations and wrong methods.
     let id = app.create_id(&json!({"resourceType": "Patient"})).await;

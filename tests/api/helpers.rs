@@ -394,8 +394,18 @@ impl TestApp {
     /// Another server process on the same data directory (keys, erasure ledger) but another
     /// database: a restored backup opened by a fresh server.
     pub async fn node_on(&self, database_url: &str) -> TestApp {
+        self.node_with(database_url, |_| {}).await
+    }
+
+    /// As [`TestApp::node_on`], with changes to the node's settings.
+    pub async fn node_with(
+        &self,
+        database_url: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> TestApp {
         let mut settings = test_settings(&self.data_dir);
         settings.database_url = Some(SecretString::from(database_url.to_string()));
+        adjust(&mut settings);
         let mut node = start(
             settings,
             self.backend,

@@ -3,14 +3,14 @@
 //!
 //! Erasure is one transaction whose first statement deletes the compartment's data key rows.
 //! On PostgreSQL that statement waits for every write still holding the key (writes lock the
-//! data key rows they seal under, `FOR SHARE`, see [`SqlStore::lock_data_keys`]); once it has
+//! data key rows they seal under, `FOR KEY SHARE`, see [`SqlStore::lock_data_keys`]); once it has
 //! them, a write that comes later finds the key gone and fails, so no row sealed under an erased
 //! key can be committed behind the erasure's back. The later statements then see every row
 //! written before. SQLite runs one writer at a time, which gives the same order.
 
 use sqlx::Row;
 
-use super::{append_audit_in, MAX_LIST_BINDS, VERSION_COLUMNS};
+use super::{append_audit_in, bind_all, Bind, Binds, MAX_LIST_BINDS, VERSION_COLUMNS};
 use super::{classify, decode, from_micros, micros, placeholders, Backend, SqlStore};
 use crate::store::{
     CompartmentQuery, ErasureOutcome, ErasureRequest, LegalHold, Scope, StoreError, StoreResult,
@@ -22,7 +22,9 @@ const INDEX_TABLES: [&str; 3] = ["search_terms", "search_dates", "search_numbers
 
 impl SqlStore {
     /// Locks the data key rows a write seals under until its transaction ends (PostgreSQL:
-    /// `FOR SHARE`, so that an erasure's delete waits for it), and checks they still exist.
+    /// `FOR KEY SHARE`, so that an erasure's delete waits for it, while concurrent writes and a
+    /// rotation's re-wrap, which changes no key column, do not wait for each other), and checks
+    /// that they still exist.
     ///
     /// # Errors
     /// [`StoreError::VersionConflict`] when a key is gone (its compartment was erased since the
@@ -38,7 +40,7 @@ impl SqlStore {
         wanted.dedup();
         for chunk in wanted.chunks(MAX_LIST_BINDS) {
             let lock = match self.backend {
-                Backend::Postgres => " FOR SHARE",
+                Backend::Postgres => " FOR KEY SHARE",
                 Backend::Sqlite => "",
             };
             let statement = format!(
@@ -65,51 +67,41 @@ impl SqlStore {
         scope: &Scope,
         query: &CompartmentQuery,
     ) -> StoreResult<Vec<VersionRecord>> {
+        let mut binds = Binds::default();
         let mut conditions = vec![
-            "h.tenant = $1".to_string(),
+            format!("h.tenant = {}", binds.text(scope.tenant())),
             "h.deleted = 0".to_string(),
-            "v.compartment = $2".to_string(),
+            format!("v.compartment = {}", binds.text(&query.compartment)),
         ];
-        let mut next = 3;
         if !query.resource_types.is_empty() {
+            let types: Vec<String> = query
+                .resource_types
+                .iter()
+                .map(|name| binds.text(name))
+                .collect();
+            conditions.push(format!("v.resource_type IN ({})", types.join(", ")));
+        }
+        if let Some(since) = query.since {
+            let since = binds.push(Bind::Integer(micros(since)));
+            conditions.push(format!("v.last_updated_us >= {since}"));
+        }
+        if let Some((after_type, after_id)) = &query.after {
+            let (after_type, after_id) = (binds.text(after_type), binds.text(after_id));
             conditions.push(format!(
-                "v.resource_type IN ({})",
-                placeholders(next, query.resource_types.len())
+                "(v.resource_type > {after_type} OR (v.resource_type = {after_type} AND v.resource_id > {after_id}))"
             ));
-            next += query.resource_types.len();
         }
-        if query.since.is_some() {
-            conditions.push(format!("v.last_updated_us >= ${next}"));
-            next += 1;
-        }
-        if query.after.is_some() {
-            conditions.push(format!(
-                "(v.resource_type > ${next} OR (v.resource_type = ${next} AND v.resource_id > ${}))",
-                next + 1
-            ));
-            next += 2;
-        }
+        let limit = binds.push(Bind::Integer(
+            i64::try_from(query.limit).unwrap_or(i64::MAX),
+        ));
         let statement = format!(
             "SELECT {VERSION_COLUMNS} FROM resource_versions v \
              JOIN resource_heads h ON h.tenant = v.tenant AND h.resource_type = v.resource_type \
               AND h.resource_id = v.resource_id AND h.version_id = v.version_id \
-             WHERE {} ORDER BY v.resource_type, v.resource_id LIMIT ${next}",
+             WHERE {} ORDER BY v.resource_type, v.resource_id LIMIT {limit}",
             conditions.join(" AND ")
         );
-        let mut sql = sqlx::query(&statement)
-            .bind(scope.tenant())
-            .bind(query.compartment.as_str());
-        for resource_type in &query.resource_types {
-            sql = sql.bind(resource_type.as_str());
-        }
-        if let Some(since) = query.since {
-            sql = sql.bind(micros(since));
-        }
-        if let Some((after_type, after_id)) = &query.after {
-            sql = sql.bind(after_type.as_str()).bind(after_id.as_str());
-        }
-        let rows = sql
-            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+        let rows = bind_all(sqlx::query(&statement), binds.0)
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
@@ -125,7 +117,7 @@ impl SqlStore {
         let pseudonym = request.pseudonym.as_str();
         let mut transaction = self.begin().await?;
         if request.respect_holds {
-            if let Some(hold) = hold_in(&mut transaction, tenant, pseudonym).await? {
+            if let Some(hold) = hold_on(&mut *transaction, tenant, pseudonym).await? {
                 transaction.rollback().await.map_err(classify)?;
                 return Ok(ErasureOutcome::Held(hold));
             }
@@ -291,16 +283,7 @@ impl SqlStore {
         scope: &Scope,
         pseudonym: &str,
     ) -> StoreResult<Option<LegalHold>> {
-        let row = sqlx::query(
-            "SELECT pseudonym, case_reference, placed_us FROM legal_holds \
-             WHERE tenant = $1 AND pseudonym = $2",
-        )
-        .bind(scope.tenant())
-        .bind(pseudonym)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?;
-        row.as_ref().map(decode_hold).transpose()
+        hold_on(&self.pool, scope.tenant(), pseudonym).await
     }
 
     pub(super) async fn place_hold_now(&self, scope: &Scope, hold: &LegalHold) -> StoreResult<()> {
@@ -345,8 +328,9 @@ impl SqlStore {
     }
 }
 
-async fn hold_in(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+/// The legal hold of a compartment, on a connection or inside a transaction.
+async fn hold_on<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
     tenant: &str,
     pseudonym: &str,
 ) -> StoreResult<Option<LegalHold>> {
@@ -356,7 +340,7 @@ async fn hold_in(
     )
     .bind(tenant)
     .bind(pseudonym)
-    .fetch_optional(&mut **transaction)
+    .fetch_optional(executor)
     .await
     .map_err(classify)?;
     row.as_ref().map(decode_hold).transpose()
