@@ -1,4 +1,4 @@
-//! The command line: `custodian serve | migrate | import | keys | audit | token`.
+//! The command line: `custodian serve | migrate | import | keys | audit | erasure | token`.
 
 use std::path::PathBuf;
 
@@ -32,6 +32,9 @@ pub enum Command {
     /// The audit log: verify it, export checkpoints, prove inclusion and consistency.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Legal holds that block `Patient/$erase`: place, release, list.
+    #[command(subcommand)]
+    Erasure(ErasureCommand),
     /// Print a development access token (dev mode only), signed by the key in the data
     /// directory. The token is the last line of standard output.
     Token(TokenArgs),
@@ -118,6 +121,29 @@ pub enum AuditCommand {
     },
 }
 
+/// `custodian erasure …`
+#[derive(Debug, Subcommand)]
+pub enum ErasureCommand {
+    /// Place a legal hold on a patient: `Patient/$erase` answers 409 until it is released.
+    Hold {
+        /// The Patient's id.
+        #[arg(long)]
+        patient: String,
+        /// The case or docket reference the hold is for (letters, digits, `.` `_` `:` `/` `-`;
+        /// at most 64). It is shown to whoever attempts the erasure: never put a name here.
+        #[arg(long)]
+        case: String,
+    },
+    /// Release a patient's legal hold.
+    Release {
+        /// The Patient's id.
+        #[arg(long)]
+        patient: String,
+    },
+    /// List the legal holds (compartment pseudonym, case, since).
+    Holds,
+}
+
 /// `custodian keys …`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -154,6 +180,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Token(arguments) => token(&settings, arguments),
         Command::Audit(command) => audit(settings, command).await,
         Command::Import(arguments) => crate::import::run(settings, arguments).await,
+        Command::Erasure(command) => erasure(settings, command).await,
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
             let store = SqlStore::connect(&settings.database_url(), 1)
@@ -249,6 +276,90 @@ async fn keys(settings: Settings, command: KeysCommand) -> Result<(), String> {
     }
     store.close().await;
     Ok(())
+}
+
+/// Whether a case reference is an opaque docket number (it appears in 409 answers and listings).
+fn is_case_reference(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"._:/-".contains(&byte))
+}
+
+async fn erasure(settings: Settings, command: ErasureCommand) -> Result<(), String> {
+    use crate::store::{LegalHold, Scope, Store};
+
+    std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
+    let store = SqlStore::connect(&settings.database_url(), 2)
+        .await
+        .map_err(|error| format!("cannot open the database: {error}"))?;
+    store.migrate().await.map_err(|error| error.to_string())?;
+    // The operator's own command: no caller to decide for.
+    let scope = Scope::system(&settings.tenant);
+    let result = match command {
+        ErasureCommand::Hold { patient, case } => {
+            if !crate::fhir::is_valid_id(&patient) {
+                return Err("--patient must be a FHIR id".into());
+            }
+            if !is_case_reference(&case) {
+                return Err(
+                    "--case must be 1-64 letters, digits or . _ : / - (a docket number, no names)"
+                        .into(),
+                );
+            }
+            let pseudonym = store
+                .compartment_pseudonym(&scope, &patient)
+                .await
+                .map_err(|error| error.to_string())?;
+            store
+                .place_hold(
+                    &scope,
+                    &LegalHold {
+                        pseudonym: pseudonym.clone(),
+                        case_reference: case,
+                        placed_us: chrono::Utc::now().timestamp_micros(),
+                    },
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+            println!("legal hold in place on compartment {pseudonym}");
+            Ok(())
+        }
+        ErasureCommand::Release { patient } => {
+            let pseudonym = store
+                .find_pseudonym(&scope, &patient)
+                .await
+                .map_err(|error| error.to_string())?;
+            let released = match &pseudonym {
+                Some(pseudonym) => store
+                    .release_hold(&scope, pseudonym)
+                    .await
+                    .map_err(|error| error.to_string())?,
+                None => false,
+            };
+            if released {
+                println!("legal hold released");
+                Ok(())
+            } else {
+                Err("no legal hold stands on that patient".into())
+            }
+        }
+        ErasureCommand::Holds => {
+            for hold in store
+                .legal_holds(&scope)
+                .await
+                .map_err(|error| error.to_string())?
+            {
+                let since = chrono::DateTime::from_timestamp_micros(hold.placed_us)
+                    .map(|time| time.to_rfc3339())
+                    .unwrap_or_default();
+                println!("{}\t{}\t{since}", hold.pseudonym, hold.case_reference);
+            }
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
 }
 
 fn token(settings: &Settings, arguments: TokenArgs) -> Result<(), String> {

@@ -59,6 +59,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// Patient consent and break-the-glass: `[consent]`, `CUSTODIAN_CONSENT__<KEY>`.
     pub consent: ConsentSettings,
+    /// Erasure (`Patient/$erase`): `[erasure]`, `CUSTODIAN_ERASURE__<KEY>`.
+    pub erasure: ErasureSettings,
     /// Whether `serve` applies pending migrations first (`CUSTODIAN_MIGRATE_ON_START`). Off when
     /// the server runs as the restricted application role and migrations as the owner.
     pub migrate_on_start: bool,
@@ -111,6 +113,29 @@ impl Default for AuditSettings {
             query_key_file: None,
             checkpoint_every_records: 1000,
             checkpoint_every_secs: 60,
+        }
+    }
+}
+
+/// Where the erasure ledger lives and how quickly a node learns of another node's erasures.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ErasureSettings {
+    /// The erasure ledger: an append-only file outside the database naming every erased
+    /// compartment (pseudonym and key ids only), re-applied at start so that a restored older
+    /// database cannot bring an erased patient back (default `<data_dir>/erasure-ledger.jsonl`).
+    /// Keep it on storage that outlives the database's backups, and back it up separately.
+    pub ledger_file: Option<PathBuf>,
+    /// How often (milliseconds) a node looks for erasures made by other nodes, to drop their
+    /// data keys from its cache and record them in its own ledger.
+    pub poll_ms: u64,
+}
+
+impl Default for ErasureSettings {
+    fn default() -> Self {
+        ErasureSettings {
+            ledger_file: None,
+            poll_ms: 1000,
         }
     }
 }
@@ -242,6 +267,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
             consent: ConsentSettings::default(),
+            erasure: ErasureSettings::default(),
             migrate_on_start: true,
         }
     }
@@ -317,6 +343,14 @@ impl Settings {
             .query_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("audit-query.key"))
+    }
+
+    /// The erasure ledger file.
+    pub fn erasure_ledger_file(&self) -> PathBuf {
+        self.erasure
+            .ledger_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("erasure-ledger.jsonl"))
     }
 
     /// Settings that only make sense in production: AWS KMS or a real token issuer.

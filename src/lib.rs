@@ -13,6 +13,8 @@
 //! - [`store`]: the storage trait and its SQL implementation (SQLite and PostgreSQL).
 //! - [`error`]: the one mapping from errors to OperationOutcome and HTTP status.
 //! - [`import`]: `custodian import`, bulk loading through the API's code paths.
+//! - [`erasure`]: the erasure ledger outside the database, its re-application at start, and
+//!   how every node learns of an erasure (`Patient/$erase` itself is in [`api`]).
 //! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
 
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod consent;
 pub mod crypto;
+pub mod erasure;
 pub mod error;
 pub mod fhir;
 pub mod import;

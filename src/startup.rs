@@ -200,6 +200,8 @@ async fn assemble(
     );
     let audit_query_key =
         crate::audit::log::load_or_create_secret(&settings.audit_query_key_file())?;
+    let (erasure_ledger, ledger_entries) =
+        crate::erasure::Ledger::open(&settings.erasure_ledger_file())?;
     let app = Arc::new(App {
         capability_statement: capability_statement(&base_url, "2026-11-22", &search.registry),
         settings,
@@ -214,7 +216,11 @@ async fn assemble(
         audit_catalog,
         audit_query_key,
         search,
+        erasure_ledger,
     });
+    // Before anything is served: no erased patient comes back from a restored database.
+    crate::erasure::reconcile(&app, &ledger_entries).await?;
+    crate::erasure::watch(&app);
     Ok((app, store))
 }
 

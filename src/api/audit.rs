@@ -135,6 +135,7 @@ pub fn interaction_of(method: &Method, route: &str) -> &'static str {
         ("GET", route) if route.ends_with("/{id}/_history") => "history-instance",
         ("GET", route) if route.ends_with("/_history") => "history-type",
         ("GET", route) if route.contains('$') => "operation",
+        (_, route) if route.ends_with("/{operation}") => "operation",
         ("GET", _) if segments == 1 => "search-type",
         ("GET", _) => "read",
         ("POST", _) => "create",

@@ -1,7 +1,8 @@
 //! Authentication at the edge, and the SMART configuration document.
 //!
 //! Every endpoint needs a valid bearer token except `/metadata`,
-//! `/.well-known/smart-configuration`, `/health` and `/ready`, which hold no PHI. A missing or
+//! `/.well-known/smart-configuration`, `/health`, `/ready` and the server's own
+//! `/OperationDefinition/{id}`, which hold no PHI. A missing or
 //! invalid token is a 401 with `WWW-Authenticate: Bearer`; why it failed goes to the log only.
 
 use std::sync::Arc;
@@ -25,13 +26,22 @@ const OPEN_PATHS: &[&str] = &[
     "/ready",
 ];
 
+/// The server's own OperationDefinitions (`/OperationDefinition/erase`): public definitions,
+/// referenced from the open CapabilityStatement.
+const OPERATION_DEFINITIONS: &str = "/OperationDefinition/";
+
 /// Middleware: validates the bearer token and puts the [`Principal`] in the request.
 pub async fn authenticate(
     State(app): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    if OPEN_PATHS.contains(&request.uri().path()) {
+    let path = request.uri().path();
+    // Only `/OperationDefinition/{id}` itself: deeper paths (`…/{id}/_history`) are other routes.
+    let operation_definition = path
+        .strip_prefix(OPERATION_DEFINITIONS)
+        .is_some_and(|id| !id.contains('/'));
+    if OPEN_PATHS.contains(&path) || operation_definition {
         return next.run(request).await;
     }
     let token = request

@@ -10,10 +10,13 @@ mod capabilities;
 mod conditional;
 mod create;
 mod delete;
+mod erase;
+mod everything;
 mod health;
 mod history;
 
 pub use history::parse_instant;
+mod operation;
 mod patch;
 mod read;
 mod search;
@@ -75,6 +78,8 @@ pub struct App {
     pub audit_query_key: zeroize::Zeroizing<Vec<u8>>,
     /// Search parameters and the index's blinding.
     pub search: crate::search::Search,
+    /// The erasure ledger outside the database (see [`crate::erasure`]).
+    pub erasure_ledger: crate::erasure::Ledger,
 }
 
 /// The axum state: one `App` behind an `Arc`.
@@ -291,6 +296,14 @@ pub fn router(app: AppState) -> Router {
         .route(
             "/{resource_type}/{id}/_history/{version}",
             get(vread::vread),
+        )
+        .route(
+            "/{resource_type}/{id}/{operation}",
+            get(operation::instance_get).post(operation::instance_post),
+        )
+        .route(
+            "/OperationDefinition/{id}",
+            get(operation::operation_definition),
         )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -206,6 +206,20 @@ async fn respond(
     value_response(StatusCode::OK, &bundle, format)
 }
 
+/// The `searchset` Bundle of a page that no search query shaped (`Patient/$everything`):
+/// `pairs` are the parameters applied, repeated in the links.
+///
+/// # Errors
+/// As [`searchset`].
+pub(super) fn searchset_page(
+    app: &App,
+    path: &str,
+    pairs: &[(String, String)],
+    page: Page,
+) -> ApiResult<Value> {
+    searchset(app, path, pairs, &ParsedQuery::default(), page)
+}
+
 /// The `searchset` Bundle of a page.
 fn searchset(
     app: &App,

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// The interactions the catalog must cover, as [`AuditRecord::interaction`] names them.
-pub const INTERACTIONS: [&str; 16] = [
+pub const INTERACTIONS: [&str; 18] = [
     "read",
     "vread",
     "history-instance",
@@ -54,6 +54,8 @@ pub const INTERACTIONS: [&str; 16] = [
     "transaction",
     "batch",
     "operation",
+    "everything",
+    "erase",
     "login",
 ];
 

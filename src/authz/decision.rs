@@ -37,6 +37,9 @@ pub enum Interaction {
     Create,
     Update,
     Delete,
+    /// `Patient/$erase`: destroys a whole patient compartment (needs a `.d` scope on Patient and
+    /// a policy line naming `erase`).
+    Erase,
 }
 
 impl Interaction {
@@ -51,7 +54,7 @@ impl Interaction {
             }
             Interaction::Create => Permission::Create,
             Interaction::Update => Permission::Update,
-            Interaction::Delete => Permission::Delete,
+            Interaction::Delete | Interaction::Erase => Permission::Delete,
         }
     }
 
@@ -67,6 +70,7 @@ impl Interaction {
             Interaction::Create => "create",
             Interaction::Update => "update",
             Interaction::Delete => "delete",
+            Interaction::Erase => "erase",
         }
     }
 }

@@ -43,6 +43,8 @@ const INTERACTIONS: &[&str] = &[
     "create",
     "update",
     "delete",
+    // Erasure of a patient's record (`Patient/$erase`).
+    "erase",
     // Not a FHIR interaction: may the role override a consent deny in an emergency
     // (`crate::consent::break_glass`)?
     "break-glass",
@@ -744,6 +746,16 @@ mod tests {
             ("admin", "Patient", "search", tenant(), DENY),
             ("admin", "Consent", "read", tenant(), DENY),
             ("admin", "Organization", "create", tenant().outside().other_tenant(), DENY),
+            // erase (Patient/$erase): compliance-officer only; ehr-system's and admin's broad
+            // lines are denied it explicitly, the clinical roles have no line that names it.
+            ("compliance-officer", "Patient", "erase", tenant(), ALLOW),
+            ("compliance-officer", "Patient", "erase", tenant().restricted(), ALLOW),
+            ("compliance-officer", "Patient", "erase", tenant().other_tenant(), DENY),
+            ("compliance-officer", "Observation", "erase", tenant(), DENY),
+            ("ehr-system", "Patient", "erase", tenant(), DENY),
+            ("admin", "Patient", "erase", tenant().outside(), DENY),
+            ("practitioner", "Patient", "erase", tenant().care_team(), DENY),
+            ("patient", "Patient", "erase", tenant().own(), DENY),
             // Unknown roles have no lines and so no access.
             ("nurse", "Observation", "read", tenant().care_team(), DENY),
             ("", "Observation", "read", tenant().care_team(), DENY),

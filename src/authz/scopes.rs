@@ -249,7 +249,8 @@ impl Scopes {
             "practitioner" => "openid fhirUser user/*.cruds",
             "patient" => "openid fhirUser launch/patient patient/*.rs",
             "ehr-system" => "system/*.cruds",
-            "compliance-officer" => "user/AuditEvent.rs user/Consent.rs",
+            // Patient.d: the scope side of `Patient/$erase` (the policy allows nothing else).
+            "compliance-officer" => "user/AuditEvent.rs user/Consent.rs user/Patient.d",
             "admin" => "user/*.cruds system/*.cruds",
             _ => "",
         }

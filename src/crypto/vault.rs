@@ -60,6 +60,15 @@ impl Vault {
         &self.provider
     }
 
+    /// Drops erased data keys from this node's cache (their bytes are wiped once no request
+    /// holds them). Other nodes learn of an erasure from the `erasures` table
+    /// ([`crate::erasure`]).
+    pub fn forget(&self, key_ids: &[String]) {
+        for key_id in key_ids {
+            self.cache.invalidate(key_id);
+        }
+    }
+
     /// Cache counters.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()

@@ -1030,47 +1030,76 @@ impl<'a> Search<'a> {
             .collect()
     }
 
-    async fn cursor_cipher(&self) -> ApiResult<Aes256Gcm> {
-        let key = self
-            .app
-            .vault
-            .derived_key(&self.scope, CURSOR_KEY_PURPOSE)
-            .await?;
-        Aes256Gcm::new_from_slice(key.as_slice())
-            .map_err(|_| ApiError::Internal("cursor key length".into()))
-    }
-
     async fn seal_cursor(&self, cursor: &Cursor) -> ApiResult<String> {
-        let cipher = self.cursor_cipher().await?;
-        let plaintext = serde_json::to_vec(cursor)
-            .map_err(|error| ApiError::Internal(format!("cursor: {error}")))?;
-        let mut nonce = [0u8; 12];
-        aws_lc_rs::rand::fill(&mut nonce)
-            .map_err(|_| ApiError::Internal("no randomness for the cursor".into()))?;
-        let sealed = cipher
-            .encrypt(Nonce::from_slice(&nonce), plaintext.as_slice())
-            .map_err(|_| ApiError::Internal("cannot seal the cursor".into()))?;
-        let mut bytes = nonce.to_vec();
-        bytes.extend_from_slice(&sealed);
-        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+        seal_position(self.app, &self.scope, cursor).await
     }
 
     async fn open_cursor(&self, text: &str) -> ApiResult<Cursor> {
-        let invalid =
-            || ApiError::invalid(IssueCode::Processing, "the _cursor parameter is not valid");
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(text)
-            .map_err(|_| invalid())?;
-        if bytes.len() < 12 {
-            return Err(invalid());
-        }
-        let cipher = self.cursor_cipher().await?;
-        let (nonce, sealed) = bytes.split_at(12);
-        let plaintext = cipher
-            .decrypt(Nonce::from_slice(nonce), sealed)
-            .map_err(|_| invalid())?;
-        serde_json::from_slice(&plaintext).map_err(|_| invalid())
+        open_position(self.app, &self.scope, text).await
     }
+
+    /// Reads and decrypts these resources (in the given order), keeping those the caller may
+    /// see (`Patient/$everything` adds the shared resources its page refers to this way).
+    ///
+    /// # Errors
+    /// 503 when the database or the key provider is down.
+    pub async fn visible_resources(&self, wanted: Vec<(String, String)>) -> ApiResult<Vec<Found>> {
+        self.open_all(wanted).await
+    }
+}
+
+async fn cursor_cipher(app: &App, scope: &Scope) -> ApiResult<Aes256Gcm> {
+    let key = app.vault.derived_key(scope, CURSOR_KEY_PURPOSE).await?;
+    Aes256Gcm::new_from_slice(key.as_slice())
+        .map_err(|_| ApiError::Internal("cursor key length".into()))
+}
+
+/// Seals a paging position (a `_cursor` value) under a key derived from the tenant's data key,
+/// so that a link never carries sort values (names, dates) in clear.
+///
+/// # Errors
+/// 500 when the position cannot be serialized or sealed; 503 when the key cannot be fetched.
+pub async fn seal_position<T: serde::Serialize>(
+    app: &App,
+    scope: &Scope,
+    position: &T,
+) -> ApiResult<String> {
+    let cipher = cursor_cipher(app, scope).await?;
+    let plaintext = serde_json::to_vec(position)
+        .map_err(|error| ApiError::Internal(format!("cursor: {error}")))?;
+    let mut nonce = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut nonce)
+        .map_err(|_| ApiError::Internal("no randomness for the cursor".into()))?;
+    let sealed = cipher
+        .encrypt(Nonce::from_slice(&nonce), plaintext.as_slice())
+        .map_err(|_| ApiError::Internal("cannot seal the cursor".into()))?;
+    let mut bytes = nonce.to_vec();
+    bytes.extend_from_slice(&sealed);
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Opens a position sealed by [`seal_position`].
+///
+/// # Errors
+/// 400 when the text is not a position this server sealed; 503 when the key cannot be fetched.
+pub async fn open_position<T: serde::de::DeserializeOwned>(
+    app: &App,
+    scope: &Scope,
+    text: &str,
+) -> ApiResult<T> {
+    let invalid = || ApiError::invalid(IssueCode::Processing, "the _cursor parameter is not valid");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| invalid())?;
+    if bytes.len() < 12 {
+        return Err(invalid());
+    }
+    let cipher = cursor_cipher(app, scope).await?;
+    let (nonce, sealed) = bytes.split_at(12);
+    let plaintext = cipher
+        .decrypt(Nonce::from_slice(nonce), sealed)
+        .map_err(|_| invalid())?;
+    serde_json::from_slice(&plaintext).map_err(|_| invalid())
 }
 
 /// A stand-in for the entry a cursor points at (its type and id are all that compare).

@@ -318,6 +318,64 @@ pub struct HistoryQuery {
     pub limit: usize,
 }
 
+/// One page of a patient compartment's current resources (`Patient/$everything`).
+#[derive(Debug, Clone, Default)]
+pub struct CompartmentQuery {
+    /// The compartment pseudonym.
+    pub compartment: String,
+    /// Only these types (all when empty).
+    pub resource_types: Vec<String>,
+    /// Only resources whose current version was written at or after this time (`_since`).
+    pub since: Option<DateTime<Utc>>,
+    /// Keyset position: only resources after this `(type, id)`.
+    pub after: Option<(String, String)>,
+    pub limit: usize,
+}
+
+/// The tombstone of an erased patient compartment: no PHI, only the pseudonym, the ids of the
+/// destroyed data keys, how many resources went, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    /// Position in the `erasures` table (nodes poll for rows after the last one they saw).
+    pub erasure_id: i64,
+    pub tenant: String,
+    pub pseudonym: String,
+    pub key_ids: Vec<String>,
+    pub resources_erased: i64,
+    pub erased_us: i64,
+}
+
+/// A legal hold on a patient compartment: erasure is refused while it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegalHold {
+    pub pseudonym: String,
+    /// An opaque docket or case number (never a name).
+    pub case_reference: String,
+    pub placed_us: i64,
+}
+
+/// What [`Store::erase_compartment`] is asked to do.
+#[derive(Debug, Clone)]
+pub struct ErasureRequest {
+    pub pseudonym: String,
+    pub erased_at: DateTime<Utc>,
+    /// Refuse (and change nothing) while a legal hold stands. Off only when re-applying an
+    /// erasure that already happened (the erasure ledger after a restore).
+    pub respect_holds: bool,
+    /// The audit record, appended in the erasure's own transaction when anything was erased.
+    pub audit: Option<AuditEntry>,
+}
+
+/// What an erasure did.
+#[derive(Debug, Clone)]
+pub enum ErasureOutcome {
+    /// Done: the tombstone, and whether this call changed anything (a repeated erasure of an
+    /// already erased compartment changes nothing and appends no audit record).
+    Erased { tombstone: Tombstone, changed: bool },
+    /// Refused: a legal hold stands; nothing was changed.
+    Held(LegalHold),
+}
+
 /// The storage operations the API needs. One implementation per SQL dialect family; see
 /// [`SqlStore`].
 #[async_trait]
@@ -596,4 +654,63 @@ pub trait Store: Send + Sync + 'static {
         resource_type: &str,
         ids: &[String],
     ) -> StoreResult<Vec<VersionRecord>>;
+
+    /// The pseudonym of a patient's compartment if one exists (never creates one).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn find_pseudonym(&self, scope: &Scope, patient_id: &str) -> StoreResult<Option<String>>;
+
+    /// One page of the current, not deleted resources of a compartment, in (type, id) order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn compartment_page(
+        &self,
+        scope: &Scope,
+        query: &CompartmentQuery,
+    ) -> StoreResult<Vec<VersionRecord>>;
+
+    /// Erases a patient compartment in one transaction: its data key rows (crypto-shredding),
+    /// every version, head and index row of the resources whose current version lies in it,
+    /// every other version sealed in it, and the patient id → pseudonym mapping; then writes
+    /// the tombstone and the audit record. Idempotent.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; then nothing was changed.
+    async fn erase_compartment(
+        &self,
+        scope: &Scope,
+        request: &ErasureRequest,
+    ) -> StoreResult<ErasureOutcome>;
+
+    /// Tombstones after `after_id` (every tenant), oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn erasures_after(&self, after_id: i64) -> StoreResult<Vec<Tombstone>>;
+
+    /// The legal hold on a compartment, if one stands.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn legal_hold(&self, scope: &Scope, pseudonym: &str) -> StoreResult<Option<LegalHold>>;
+
+    /// Places a legal hold (replacing the case reference of one that stands).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn place_hold(&self, scope: &Scope, hold: &LegalHold) -> StoreResult<()>;
+
+    /// Releases a legal hold; returns whether one stood.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn release_hold(&self, scope: &Scope, pseudonym: &str) -> StoreResult<bool>;
+
+    /// Every legal hold of the tenant.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn legal_holds(&self, scope: &Scope) -> StoreResult<Vec<LegalHold>>;
 }

@@ -17,9 +17,12 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
-    Checkpoint, Expected, HistoryQuery, IndexRows, RangeBounds, Scope, Store, StoreError,
-    StoreResult, StoredAudit, StoredDataKey, VersionRecord, VersionWrite, WriteMethod,
+    Checkpoint, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected, HistoryQuery,
+    IndexRows, LegalHold, RangeBounds, Scope, Store, StoreError, StoreResult, StoredAudit,
+    StoredDataKey, Tombstone, VersionRecord, VersionWrite, WriteMethod,
 };
+
+mod erasure;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -67,6 +70,18 @@ impl SqlStore {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    // Erasure: deleted rows are overwritten with zeros in the file instead of
+                    // lingering on free pages until reused.
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA secure_delete = ON")
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(classify)?;
@@ -112,6 +127,10 @@ impl SqlStore {
 
     async fn write_now(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord> {
         let mut transaction = self.begin().await?;
+        if let Some(key_id) = write.key_id.as_deref() {
+            self.lock_data_keys(&mut transaction, scope.tenant(), &[key_id])
+                .await?;
+        }
         let record = write_in(&mut transaction, scope, write).await?;
         transaction.commit().await.map_err(classify)?;
         Ok(record)
@@ -124,6 +143,12 @@ impl SqlStore {
         audit: Vec<AuditEntry>,
     ) -> StoreResult<Vec<VersionRecord>> {
         let mut transaction = self.begin().await?;
+        let key_ids: Vec<&str> = writes
+            .iter()
+            .filter_map(|write| write.key_id.as_deref())
+            .collect();
+        self.lock_data_keys(&mut transaction, scope.tenant(), &key_ids)
+            .await?;
         let mut records = Vec::with_capacity(writes.len());
         // The entries' audit records go in with the bundle's, in one multi-row insert.
         let mut audit = audit;
@@ -966,6 +991,57 @@ impl Store for SqlStore {
             }
         }
         Ok(records)
+    }
+
+    async fn find_pseudonym(&self, scope: &Scope, patient_id: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query(
+            "SELECT pseudonym FROM patient_compartments WHERE tenant = $1 AND patient_id = $2",
+        )
+        .bind(scope.tenant())
+        .bind(patient_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.map(|row| row.try_get("pseudonym"))
+            .transpose()
+            .map_err(|error| StoreError::Internal(error.to_string()))
+    }
+
+    async fn compartment_page(
+        &self,
+        scope: &Scope,
+        query: &CompartmentQuery,
+    ) -> StoreResult<Vec<VersionRecord>> {
+        self.compartment_page_now(scope, query).await
+    }
+
+    async fn erase_compartment(
+        &self,
+        scope: &Scope,
+        request: &ErasureRequest,
+    ) -> StoreResult<ErasureOutcome> {
+        let (store, scope, request) = (self.clone(), scope.clone(), request.clone());
+        detached(async move { store.erase_now(&scope, &request).await }).await
+    }
+
+    async fn erasures_after(&self, after_id: i64) -> StoreResult<Vec<Tombstone>> {
+        self.erasures_after_now(after_id).await
+    }
+
+    async fn legal_hold(&self, scope: &Scope, pseudonym: &str) -> StoreResult<Option<LegalHold>> {
+        self.legal_hold_now(scope, pseudonym).await
+    }
+
+    async fn place_hold(&self, scope: &Scope, hold: &LegalHold) -> StoreResult<()> {
+        self.place_hold_now(scope, hold).await
+    }
+
+    async fn release_hold(&self, scope: &Scope, pseudonym: &str) -> StoreResult<bool> {
+        self.release_hold_now(scope, pseudonym).await
+    }
+
+    async fn legal_holds(&self, scope: &Scope) -> StoreResult<Vec<LegalHold>> {
+        self.legal_holds_now(scope).await
     }
 }
 

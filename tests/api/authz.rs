@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use crate::both_backends;
 use crate::helpers::{TestApp, FHIR_JSON};
 
+/// A development token request for `role` with `scope` (ten minutes).
 pub(crate) fn caller(role: &str, scope: &str) -> DevTokenRequest {
     DevTokenRequest {
         subject: format!("test-{role}"),

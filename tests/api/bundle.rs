@@ -44,7 +44,7 @@ async fn post_with(client: &reqwest::Client, app: &TestApp, bundle: &Value) -> (
 }
 
 /// POSTs a Bundle as the suite's EHR system.
-async fn post(app: &TestApp, bundle: &Value) -> (u16, Value) {
+pub(crate) async fn post(app: &TestApp, bundle: &Value) -> (u16, Value) {
     post_with(&app.client, app, bundle).await
 }
 
@@ -99,7 +99,7 @@ fn urn() -> String {
 
 /// The response entries of a transaction-response or batch-response, checked to be one per
 /// request entry.
-fn response_entries<'a>(response: &'a Value, kind: &str, sent: usize) -> &'a [Value] {
+pub(crate) fn response_entries<'a>(response: &'a Value, kind: &str, sent: usize) -> &'a [Value] {
     assert_eq!(response["resourceType"], "Bundle", "{response}");
     assert_eq!(response["type"], format!("{kind}-response"), "{response}");
     let entries = response["entry"].as_array().expect("entries");
@@ -107,13 +107,13 @@ fn response_entries<'a>(response: &'a Value, kind: &str, sent: usize) -> &'a [Va
     entries
 }
 
-fn status_of(answer: &Value) -> &str {
+pub(crate) fn status_of(answer: &Value) -> &str {
     answer["response"]["status"].as_str().unwrap_or_default()
 }
 
 /// `Type/id` of the response's `location` (`Type/id/_history/v`), checking its form and that
 /// `etag` and `lastModified` agree with it.
-fn located(answer: &Value) -> (String, i64) {
+pub(crate) fn located(answer: &Value) -> (String, i64) {
     let response = &answer["response"];
     let location = response["location"]
         .as_str()
@@ -298,7 +298,7 @@ fn patient(system: &str, value: &str) -> Value {
 // 1. The Synthea bundles, as they are.
 
 /// The ten Synthea bundles: hospitals and practitioners first, then the patients.
-fn synthea_bundles() -> Vec<(String, Value)> {
+pub(crate) fn synthea_bundles() -> Vec<(String, Value)> {
     let directory = testdata_dir().join("synthea-r4-bundles");
     let mut files: Vec<_> = std::fs::read_dir(&directory)
         .unwrap_or_else(|error| panic!("{}: {error}", directory.display()))

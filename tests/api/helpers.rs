@@ -391,6 +391,33 @@ impl TestApp {
         node
     }
 
+    /// Another server process on the same data directory (keys, erasure ledger) but another
+    /// database: a restored backup opened by a fresh server.
+    pub async fn node_on(&self, database_url: &str) -> TestApp {
+        self.node_with(database_url, |_| {}).await
+    }
+
+    /// As [`TestApp::node_on`], with changes to the node's settings.
+    pub async fn node_with(
+        &self,
+        database_url: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> TestApp {
+        let mut settings = test_settings(&self.data_dir);
+        settings.database_url = Some(SecretString::from(database_url.to_string()));
+        adjust(&mut settings);
+        let mut node = start(
+            settings,
+            self.backend,
+            self.data_dir.clone(),
+            database_url.to_string(),
+        )
+        .await;
+        // The first node owns the directory.
+        node.data_dir = PathBuf::new();
+        node
+    }
+
     /// Runs one SQL query returning text values of the first column.
     pub async fn strings(&self, sql: &str) -> Vec<Option<String>> {
         use sqlx::Row;

@@ -11,6 +11,8 @@ mod conditional;
 mod consent;
 mod crud;
 mod encryption;
+mod erasure;
+mod everything;
 mod examples;
 mod formats;
 mod history;
