@@ -3,7 +3,7 @@
 //! A scenario matrix, driven from a table: each scenario stores some Consents for one patient
 //! and states, for each caller, exactly which of the patient's resources that caller sees. Each
 //! expectation is checked on read, on search (entries and `_total`, across page boundaries), on
-//! `_include`, and on history.
+//! `_include`, on `Patient/$everything`, and on history.
 
 use std::collections::BTreeSet;
 
@@ -351,6 +351,35 @@ async fn check_sees(app: &TestApp, world: &World, token: &str, expected: &Sees, 
         expected.contains("patient") && !observations.is_empty(),
         "{context}: _include of the Patient"
     );
+    // $everything: the Patient must be visible, and then exactly the visible resources come.
+    let (status, bundle) = call(
+        app,
+        token,
+        "GET",
+        &format!("Patient/{patient}/$everything?_count=500"),
+        None,
+        None,
+    )
+    .await;
+    if expected.contains("patient") {
+        assert_eq!(status, 200, "{context}: $everything");
+        let everything: Sees = bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let resource = &entry["resource"];
+                world.key_of(&format!(
+                    "{}/{}",
+                    resource["resourceType"].as_str().unwrap_or_default(),
+                    resource["id"].as_str().unwrap_or_default()
+                ))
+            })
+            .collect();
+        assert_eq!(&everything, expected, "{context}: $everything entries");
+    } else {
+        assert_eq!(status, 404, "{context}: $everything of a hidden Patient");
+    }
     // History of the Condition: its versions are the Condition.
     let (status, _) = call(
         app,
