@@ -24,6 +24,7 @@ pub mod config;
 pub mod consent;
 pub mod crypto;
 pub mod error;
+pub mod export;
 pub mod fhir;
 pub mod import;
 pub mod search;

@@ -3,7 +3,7 @@
 use super::scopes::Scopes;
 
 /// A literal reference such as `Practitioner/123`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FhirUser {
     pub resource_type: String,
     pub id: String,
