@@ -42,7 +42,16 @@ pub async fn export_system(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    kick_off(&app, &principal, query, &headers, body, Level::System, "$export").await
+    kick_off(
+        &app,
+        &principal,
+        query,
+        &headers,
+        body,
+        Level::System,
+        "$export",
+    )
+    .await
 }
 
 /// `GET|POST /Patient/$export`.
@@ -87,14 +96,19 @@ pub async fn export_group(
     if !crate::fhir::is_valid_id(&id) {
         return Err(not_found());
     }
-    let permit = app.decide(&principal, Interaction::Read, Some("Group")).await?;
+    let permit = app
+        .decide(&principal, Interaction::Read, Some("Group"))
+        .await?;
     let record = app
         .store
         .read_current(permit.scope(), "Group", &id)
         .await?
         .filter(|record| !record.deleted)
         .ok_or_else(not_found)?;
-    let record = app.open_visible(&permit, record).await?.ok_or_else(not_found)?;
+    let record = app
+        .open_visible(&permit, record)
+        .await?
+        .ok_or_else(not_found)?;
     let group: Value = serde_json::from_slice(record.body.as_deref().unwrap_or_default())
         .map_err(|_| ApiError::Internal("a stored Group is not JSON".into()))?;
     let patients: Vec<String> = group["member"]
@@ -180,7 +194,10 @@ async fn kick_off(
             "$export needs the header Prefer: respond-async",
         ));
     }
-    if let Some(accept) = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()) {
+    if let Some(accept) = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+    {
         let acceptable = accept.split(',').any(|media| {
             let media = media.split(';').next().unwrap_or_default().trim();
             matches!(
@@ -387,10 +404,21 @@ pub async fn status(
             );
             Ok(response)
         }
-        "failed" => Err(ApiError::Internal(
-            job.error
-                .unwrap_or_else(|| "the export failed on the server".into()),
-        )),
+        // The reason is one of the worker's fixed messages (never PHI, never a driver error),
+        // so it may be shown, unlike an ApiError::Internal's detail.
+        "failed" => value_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({
+                "resourceType": "OperationOutcome",
+                "issue": [crate::error::outcome_issue(
+                    "error",
+                    "exception",
+                    job.error.as_deref().unwrap_or("the export failed on the server"),
+                    None,
+                )],
+            }),
+            Format::Json,
+        ),
         _ => {
             let mut response = StatusCode::ACCEPTED.into_response();
             let progress = format!("{}: {} resources exported", job.status, job.exported);
@@ -439,7 +467,13 @@ pub async fn file(
     loop {
         let chunks = app
             .store
-            .export_chunks(scope.tenant(), &job_id, resource_type, after, CHUNKS_PER_READ)
+            .export_chunks(
+                scope.tenant(),
+                &job_id,
+                resource_type,
+                after,
+                CHUNKS_PER_READ,
+            )
             .await?;
         let Some(last) = chunks.last() else {
             break;

@@ -259,7 +259,10 @@ pub fn router(app: AppState) -> Router {
         .route("/AuditEvent", get(audit::search_events))
         .route("/AuditEvent/{id}", get(audit::read_event))
         .route("/_audit/disclosures", get(audit::disclosures))
-        .route("/$export", get(export::export_system).post(export::export_system))
+        .route(
+            "/$export",
+            get(export::export_system).post(export::export_system),
+        )
         .route(
             "/Patient/$export",
             get(export::export_patient).post(export::export_patient),

@@ -36,9 +36,7 @@ use crate::authz::decision::{Interaction, Permit};
 use crate::authz::principal::{FhirUser, Principal};
 use crate::authz::scopes::Scopes;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{
-    AuditQuery, ExportChunk, ExportJobRow, ExportLease, Scope, VersionRecord,
-};
+use crate::store::{AuditQuery, ExportChunk, ExportJobRow, ExportLease, Scope, VersionRecord};
 
 /// The type name chunks and job specs are sealed under: not a FHIR type, so a sealed export
 /// chunk can never be opened as a resource version or the other way round.
@@ -128,7 +126,11 @@ pub struct ExportSpec {
 pub fn requester_of(tenant: &str, principal: &Principal) -> String {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
-    for part in [tenant, principal.issuer.as_str(), principal.subject.as_str()] {
+    for part in [
+        tenant,
+        principal.issuer.as_str(),
+        principal.subject.as_str(),
+    ] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
@@ -197,7 +199,8 @@ pub async fn open_spec(app: &App, scope: &Scope, job: &ExportJobRow) -> ApiResul
         .open(scope, &row)
         .await?
         .ok_or_else(|| ApiError::Internal("an export spec has no body".into()))?;
-    serde_json::from_slice(&json).map_err(|_| ApiError::Internal("an export spec is not JSON".into()))
+    serde_json::from_slice(&json)
+        .map_err(|_| ApiError::Internal("an export spec is not JSON".into()))
 }
 
 /// Opens one output chunk of a job: NDJSON lines, each ending in a newline.
@@ -307,7 +310,13 @@ async fn run_job(
 ) {
     let scope = app.decider.system_scope();
     if job.attempts > app.settings.export.max_attempts {
-        finish(app, &lease, "failed", Some("the export was interrupted too often")).await;
+        finish(
+            app,
+            &lease,
+            "failed",
+            Some("the export was interrupted too often"),
+        )
+        .await;
         return;
     }
     let outcome = match open_spec(app, &scope, &job).await {
@@ -336,7 +345,13 @@ async fn run_job(
         }
         (Err(Stop::Failed(error)), lease) => {
             tracing::error!(error = %error, "export job failed");
-            finish(app, &lease, "failed", Some("the export failed on the server")).await;
+            finish(
+                app,
+                &lease,
+                "failed",
+                Some("the export failed on the server"),
+            )
+            .await;
         }
     }
 }

@@ -19,8 +19,9 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
-    Checkpoint, ExportChunk, ExportJobRow, ExportLease, Expected, HistoryQuery, IndexRows, RangeBounds, Scope, Store, StoreError,
-    StoreResult, StoredAudit, StoredDataKey, VersionRecord, VersionWrite, WriteMethod,
+    Checkpoint, Expected, ExportChunk, ExportJobRow, ExportLease, HistoryQuery, IndexRows,
+    RangeBounds, Scope, Store, StoreError, StoreResult, StoredAudit, StoredDataKey, VersionRecord,
+    VersionWrite, WriteMethod,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");

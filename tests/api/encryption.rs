@@ -11,9 +11,9 @@ use crate::both_backends;
 use crate::helpers::{repo_dir, Backend, TestApp};
 
 /// A string that appears nowhere but in the resources this test writes.
-const CANARY: &str = "Qzv7Canary";
+pub(crate) const CANARY: &str = "Qzv7Canary";
 
-fn canary_patient(index: usize) -> Value {
+pub(crate) fn canary_patient(index: usize) -> Value {
     json!({
         "resourceType": "Patient",
         "text": {"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{CANARY} narrative {index}</div>")},
@@ -26,7 +26,7 @@ fn canary_patient(index: usize) -> Value {
 }
 
 /// Forms in which a canary could leak: clear, hex, base64 at each of the three alignments.
-fn encodings(canary: &str) -> Vec<Vec<u8>> {
+pub(crate) fn encodings(canary: &str) -> Vec<Vec<u8>> {
     let mut forms = vec![canary.as_bytes().to_vec()];
     let hex: String = canary.bytes().map(|byte| format!("{byte:02x}")).collect();
     forms.push(hex.clone().into_bytes());
@@ -43,7 +43,7 @@ fn encodings(canary: &str) -> Vec<Vec<u8>> {
     forms
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack
         .windows(needle.len())
         .any(|window| window == needle)
@@ -51,7 +51,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// Every byte the database holds: the SQLite file with its WAL and shared memory, or a full
 /// pg_dump of the PostgreSQL database.
-fn database_bytes(app: &TestApp) -> Vec<u8> {
+pub(crate) fn database_bytes(app: &TestApp) -> Vec<u8> {
     match app.backend {
         Backend::Sqlite => {
             let mut bytes = Vec::new();

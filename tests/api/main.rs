@@ -12,6 +12,7 @@ mod consent;
 mod crud;
 mod encryption;
 mod examples;
+mod export;
 mod formats;
 mod history;
 mod import;

@@ -11,7 +11,7 @@ use crate::both_backends;
 use crate::helpers::{repo_dir, testdata_dir, TestApp};
 
 /// The oracle's verdicts on `[label, resource]` pairs; `None` when the oracle is not installed.
-fn oracle_failures(resources: &[(String, Value)]) -> Option<Vec<String>> {
+pub(crate) fn oracle_failures(resources: &[(String, Value)]) -> Option<Vec<String>> {
     let Ok(python) = std::env::var("CUSTODIAN_TEST_PYTHON") else {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("CUSTODIAN_TEST_PYTHON is not set and CI=true: run the suite with scripts/test");

@@ -13,8 +13,7 @@ const JOB_COLUMNS: &str = "tenant, job_id, status, requester, spec, spec_key_id,
 
 /// The condition under which a worker still holds a lease (binds `$1` tenant, `$2` job, `$3`
 /// owner).
-const LEASE_HELD: &str =
-    "tenant = $1 AND job_id = $2 AND lease_owner = $3 AND status = 'running'";
+const LEASE_HELD: &str = "tenant = $1 AND job_id = $2 AND lease_owner = $3 AND status = 'running'";
 
 fn decode_job(row: &AnyRow) -> StoreResult<ExportJobRow> {
     Ok(ExportJobRow {
