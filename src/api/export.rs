@@ -31,6 +31,9 @@ use crate::store::{ExportJobRow, Scope};
 
 const NDJSON: &str = "application/fhir+ndjson";
 
+/// The spellings of NDJSON the spec asks servers to accept in `_outputFormat`.
+const OUTPUT_FORMATS: [&str; 3] = [NDJSON, "application/ndjson", "ndjson"];
+
 /// Output chunks read from the database per query while a file is served.
 const CHUNKS_PER_READ: usize = 64;
 
@@ -218,17 +221,13 @@ async fn kick_off(
     let mut since_us = None;
     for (name, value) in &parameters.0 {
         match name.as_str() {
-            "_outputFormat" => {
-                if !matches!(
-                    value.as_str(),
-                    "application/fhir+ndjson" | "application/ndjson" | "ndjson"
-                ) {
-                    return Err(ApiError::invalid(
-                        IssueCode::Value,
-                        "_outputFormat must be application/fhir+ndjson",
-                    ));
-                }
+            "_outputFormat" if !OUTPUT_FORMATS.contains(&value.as_str()) => {
+                return Err(ApiError::invalid(
+                    IssueCode::Value,
+                    "_outputFormat must be application/fhir+ndjson",
+                ));
             }
+            "_outputFormat" => {}
             "_type" => {
                 for resource_type in value.split(',').map(str::trim) {
                     let known = crate::fhir::capability::is_served(resource_type)

@@ -419,6 +419,31 @@ async fn export_kick_off_is_checked_and_jobs_are_private(app: TestApp) {
         .unwrap();
     assert_eq!(refused.status(), 403);
 
+    // The CapabilityStatement declares $export at each level.
+    let statement = app.get_json("metadata", 200).await;
+    let definitions = |operations: &Value| -> Vec<String> {
+        operations
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|operation| operation["definition"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let bulk = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/";
+    assert!(definitions(&statement["rest"][0]["operation"]).contains(&format!("{bulk}export")));
+    for (resource_type, definition) in [("Patient", "patient-export"), ("Group", "group-export")] {
+        let resource = statement["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|resource| resource["type"] == resource_type)
+            .unwrap();
+        assert_eq!(
+            definitions(&resource["operation"]),
+            vec![format!("{bulk}{definition}")]
+        );
+    }
+
     // POST kick-off with a Parameters body.
     let response = app
         .anonymous
