@@ -25,7 +25,7 @@ use super::{insert_header, read_body, value_response, AppState, Caller, QueryPar
 use crate::authz::decision::Interaction;
 use crate::authz::principal::Principal;
 use crate::error::{ApiError, ApiResult, IssueCode};
-use crate::export::{ExportSpec, Level, StoredPrincipal};
+use crate::export::{ExportSpec, Level};
 use crate::fhir::format::Format;
 use crate::store::{ExportJobRow, Scope};
 
@@ -274,7 +274,11 @@ async fn kick_off(
         ),
     };
     let spec = ExportSpec {
-        requester: StoredPrincipal::of(principal),
+        requester: Principal {
+            // Break-the-glass is per request and time-boxed: it never carries into a job.
+            emergency: None,
+            ..Principal::clone(principal)
+        },
         request_url,
         level,
         types,

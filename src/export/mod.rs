@@ -33,8 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::App;
 use crate::authz::decision::{Interaction, Permit};
-use crate::authz::principal::{FhirUser, Principal};
-use crate::authz::scopes::Scopes;
+use crate::authz::principal::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{AuditQuery, ExportChunk, ExportJobRow, ExportLease, Scope, VersionRecord};
 
@@ -58,60 +57,11 @@ pub enum Level {
     Group { patients: Vec<String> },
 }
 
-/// The requester's claims, as far as the access decision reads them. No token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredPrincipal {
-    pub subject: String,
-    pub client_id: Option<String>,
-    pub issuer: String,
-    pub fhir_user: Option<FhirUser>,
-    pub roles: Vec<String>,
-    pub scopes: Scopes,
-    pub patient: Option<String>,
-    pub tenant: Option<String>,
-    pub purpose_of_use: Option<String>,
-    pub expires_at: i64,
-}
-
-impl StoredPrincipal {
-    /// The claims of `principal`, without any break-the-glass declaration: an emergency is a
-    /// time-boxed, per-request matter and does not extend into background work.
-    pub fn of(principal: &Principal) -> Self {
-        StoredPrincipal {
-            subject: principal.subject.clone(),
-            client_id: principal.client_id.clone(),
-            issuer: principal.issuer.clone(),
-            fhir_user: principal.fhir_user.clone(),
-            roles: principal.roles.clone(),
-            scopes: principal.scopes.clone(),
-            patient: principal.patient.clone(),
-            tenant: principal.tenant.clone(),
-            purpose_of_use: principal.purpose_of_use.clone(),
-            expires_at: principal.expires_at,
-        }
-    }
-
-    fn into_principal(self) -> Principal {
-        Principal {
-            subject: self.subject,
-            client_id: self.client_id,
-            issuer: self.issuer,
-            fhir_user: self.fhir_user,
-            roles: self.roles,
-            scopes: self.scopes,
-            patient: self.patient,
-            tenant: self.tenant,
-            purpose_of_use: self.purpose_of_use,
-            expires_at: self.expires_at,
-            emergency: None,
-        }
-    }
-}
-
 /// What was asked for at kick-off.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportSpec {
-    pub requester: StoredPrincipal,
+    /// The requester's claims (no token, no break-the-glass declaration).
+    pub requester: Principal,
     /// The kick-off URL (the manifest's `request`).
     pub request_url: String,
     pub level: Level,
@@ -323,7 +273,7 @@ async fn run_job(
         Ok(spec) => {
             let mut run = JobRun {
                 app,
-                principal: Arc::new(spec.requester.clone().into_principal()),
+                principal: Arc::new(spec.requester.clone()),
                 spec,
                 lease,
                 stop,
