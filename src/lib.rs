@@ -13,6 +13,7 @@
 //! - [`store`]: the storage trait and its SQL implementation (SQLite and PostgreSQL).
 //! - [`error`]: the one mapping from errors to OperationOutcome and HTTP status.
 //! - [`import`]: `custodian import`, bulk loading through the API's code paths.
+//! - [`export`]: Bulk Data `$export` jobs and the background worker that runs them.
 //! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
 
