@@ -594,3 +594,65 @@ impl JobRun<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::principal::Emergency;
+    use crate::authz::scopes::Scopes;
+
+    fn principal(issuer: &str, subject: &str) -> Principal {
+        Principal {
+            subject: subject.into(),
+            client_id: None,
+            issuer: issuer.into(),
+            fhir_user: None,
+            roles: vec!["ehr-system".into()],
+            scopes: Scopes::parse("system/*.rs").0,
+            patient: None,
+            tenant: None,
+            purpose_of_use: None,
+            expires_at: 0,
+            emergency: Some(Emergency {
+                session_id: "s".into(),
+                expires_us: i64::MAX,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_requester_is_tenant_issuer_and_subject() {
+        let owner = requester_of("t", &principal("https://idp", "alice"));
+        assert_eq!(owner, requester_of("t", &principal("https://idp", "alice")));
+        assert_ne!(owner, requester_of("t", &principal("https://idp", "bob")));
+        assert_ne!(
+            owner,
+            requester_of("t", &principal("https://other", "alice"))
+        );
+        assert_ne!(owner, requester_of("u", &principal("https://idp", "alice")));
+        // Length-prefixed: moving a character across the boundary changes the hash.
+        assert_ne!(
+            requester_of("t", &principal("https://idp/", "x")),
+            requester_of("t", &principal("https://idp", "/x"))
+        );
+    }
+
+    #[test]
+    fn a_stored_requester_keeps_its_claims_but_never_an_emergency() {
+        let spec = ExportSpec {
+            requester: principal("https://idp", "alice"),
+            request_url: "http://x/$export".into(),
+            level: Level::Group {
+                patients: vec!["p1".into()],
+            },
+            types: vec!["Observation".into()],
+            since_us: Some(5),
+        };
+        let stored: ExportSpec =
+            serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap();
+        assert_eq!(stored.requester.subject, "alice");
+        assert_eq!(stored.requester.scopes, spec.requester.scopes);
+        assert!(stored.requester.emergency.is_none());
+        assert_eq!(stored.level, spec.level);
+    }
+}
