@@ -61,6 +61,8 @@ pub struct Settings {
     pub consent: ConsentSettings,
     /// Erasure (`Patient/$erase`): `[erasure]`, `CUSTODIAN_ERASURE__<KEY>`.
     pub erasure: ErasureSettings,
+    /// Bulk Data export: `[export]`, `CUSTODIAN_EXPORT__<KEY>`.
+    pub export: ExportSettings,
     /// Whether `serve` applies pending migrations first (`CUSTODIAN_MIGRATE_ON_START`). Off when
     /// the server runs as the restricted application role and migrations as the owner.
     pub migrate_on_start: bool,
@@ -83,6 +85,42 @@ impl Default for ConsentSettings {
         ConsentSettings {
             default_decision: crate::consent::Verdict::Permit,
             break_glass_secs: 3600,
+        }
+    }
+}
+
+/// Bulk Data `$export` jobs (see `src/export/`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ExportSettings {
+    /// How long a job and its output files are kept after the job ends (or, for a job that never
+    /// ran, after its kick-off), seconds (default one hour). Then they are deleted and polling
+    /// answers 404.
+    pub retention_secs: u64,
+    /// Resources read, checked and sealed per batch; the worker yields between batches so that
+    /// an export never starves the API.
+    pub batch_size: usize,
+    /// How long a worker's lease on a running job lasts without renewal, seconds. A node that
+    /// stops leaves its job to be taken over (and restarted) when the lease runs out.
+    pub lease_secs: u64,
+    /// How often an idle worker looks for queued jobs and expired ones, milliseconds.
+    pub poll_ms: u64,
+    /// How many times a job is started before it is failed (a job that keeps stopping its node,
+    /// or keeps losing its lease, must not run forever).
+    pub max_attempts: i64,
+    /// Whether this node runs export jobs (kick-off, polling and download work on every node).
+    pub worker: bool,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        ExportSettings {
+            retention_secs: 3600,
+            batch_size: 500,
+            lease_secs: 30,
+            poll_ms: 500,
+            max_attempts: 3,
+            worker: true,
         }
     }
 }
@@ -268,6 +306,7 @@ impl Default for Settings {
             audit: AuditSettings::default(),
             consent: ConsentSettings::default(),
             erasure: ErasureSettings::default(),
+            export: ExportSettings::default(),
             migrate_on_start: true,
         }
     }

@@ -15,6 +15,7 @@
 //! - [`import`]: `custodian import`, bulk loading through the API's code paths.
 //! - [`erasure`]: the erasure ledger outside the database, its re-application at start, and
 //!   how every node learns of an erasure (`Patient/$erase` itself is in [`api`]).
+//! - [`export`]: Bulk Data `$export` jobs and the background worker that runs them.
 //! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
 
@@ -27,6 +28,7 @@ pub mod consent;
 pub mod crypto;
 pub mod erasure;
 pub mod error;
+pub mod export;
 pub mod fhir;
 pub mod import;
 pub mod search;

@@ -25,6 +25,8 @@ pub struct Application {
     port: u16,
     app: AppState,
     store: Arc<SqlStore>,
+    /// Tells the background export worker to stop at shutdown.
+    stop_workers: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
@@ -48,11 +50,14 @@ impl Application {
             base_url = %app.base_url,
             "custodian listening"
         );
+        let (stop_workers, stop) = tokio::sync::watch::channel(false);
+        crate::export::start_worker(app.clone(), stop);
         Ok(Application {
             listener,
             port: local.port(),
             app,
             store,
+            stop_workers,
         })
     }
 
@@ -75,6 +80,8 @@ impl Application {
         )
         .with_graceful_shutdown(shutdown)
         .await;
+        // A job in progress is left to its lease: another node, or this one restarted, takes it.
+        let _ = self.stop_workers.send(true);
         self.store.close().await;
         tracing::info!("custodian stopped");
         served

@@ -129,6 +129,8 @@ pub fn interaction_of(method: &Method, route: &str) -> &'static str {
         ("GET", "/") | ("POST", "/_search") => "search-system",
         ("POST", "/") => "transaction",
         ("POST", route) if route.starts_with("/_audit/") => "operation",
+        // Bulk Data kick-off, status, download and cancel.
+        (_, route) if route.contains("$export") || route.starts_with("/_export/") => "operation",
         ("POST", route) if route.ends_with("/_search") => "search-type",
         ("GET", "/_history") => "history-system",
         ("GET", route) if route.ends_with("/_history/{version}") => "vread",

@@ -12,6 +12,7 @@ mod create;
 mod delete;
 mod erase;
 mod everything;
+mod export;
 mod health;
 mod history;
 
@@ -263,6 +264,20 @@ pub fn router(app: AppState) -> Router {
         .route("/AuditEvent", get(audit::search_events))
         .route("/AuditEvent/{id}", get(audit::read_event))
         .route("/_audit/disclosures", get(audit::disclosures))
+        .route(
+            "/$export",
+            get(export::export_system).post(export::export_system),
+        )
+        .route(
+            "/Patient/$export",
+            get(export::export_patient).post(export::export_patient),
+        )
+        .route(
+            "/Group/{id}/$export",
+            get(export::export_group).post(export::export_group),
+        )
+        .route("/_export/{job}", get(export::status).delete(export::cancel))
+        .route("/_export/{job}/file/{number}", get(export::file))
         .route("/_audit/proof", get(audit::proof))
         .route("/_audit/consistency", get(audit::consistency))
         .route("/_audit/break-glass", get(break_glass::list))

@@ -3,7 +3,7 @@
 use super::scopes::Scopes;
 
 /// A literal reference such as `Practitioner/123`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FhirUser {
     pub resource_type: String,
     pub id: String,
@@ -27,8 +27,9 @@ impl FhirUser {
 }
 
 /// The authenticated caller. Built only from a token whose signature, issuer, audience and
-/// lifetime were checked.
-#[derive(Debug, Clone)]
+/// lifetime were checked. Serializable so that background work done for a caller (a Bulk Data
+/// export) is decided with the caller's own claims; the token itself is never kept.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Principal {
     /// `sub`.
     pub subject: String,
@@ -51,7 +52,9 @@ pub struct Principal {
     /// `exp`, seconds since the epoch.
     pub expires_at: i64,
     /// A break-the-glass declaration in force for this request (`X-Break-Glass` with a reason,
-    /// by a role the policy lets override, within the token's time box); never from the token.
+    /// by a role the policy lets override, within the token's time box); never from the token,
+    /// and never stored: an emergency does not extend into background work.
+    #[serde(skip)]
     pub emergency: Option<Emergency>,
 }
 

@@ -76,7 +76,7 @@ pub const MAX_SCOPES: usize = 100;
 const REPORT_MAX_LEN: usize = 200;
 
 /// Who the scope speaks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ScopeContext {
     Patient,
     User,
@@ -87,7 +87,9 @@ pub enum ScopeContext {
 ///
 /// The order of the variants is the spec's `cruds` order (`Ord` is derived for the
 /// `BTreeSet` in [`ResourceScope::permissions`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Permission {
     Create,
     Read,
@@ -106,7 +108,7 @@ const CRUDS: [(char, Permission); 5] = [
 ];
 
 /// One parsed resource scope.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResourceScope {
     pub context: ScopeContext,
     /// `None` for `*`.
@@ -118,7 +120,7 @@ pub struct ResourceScope {
 }
 
 /// All scopes of a token.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Scopes {
     pub resources: Vec<ResourceScope>,
     /// Other scopes kept verbatim: openid, fhirUser, launch, launch/patient, offline_access, online_access, ...

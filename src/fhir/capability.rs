@@ -24,6 +24,25 @@ pub fn is_served(name: &str) -> bool {
     fhir_codec::is_resource_type(name) && !NOT_SERVED.contains(&name)
 }
 
+/// The Bulk Data Access IG's server CapabilityStatement, which this server instantiates.
+const BULK_DATA_CAPABILITY: &str = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
+
+/// The Bulk Data `$export` operation declared at system level (`""`), on Patient and on Group.
+fn bulk_export_operation(resource_type: &str) -> Option<Value> {
+    let definition = match resource_type {
+        "" => "export",
+        "Patient" => "patient-export",
+        "Group" => "group-export",
+        _ => return None,
+    };
+    Some(json!({
+        "name": "export",
+        "definition": format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{definition}"),
+        "documentation": "FHIR Bulk Data v2 kick-off (Prefer: respond-async): NDJSON output \
+            encrypted at rest, served only to the requester, expiring (see README, Bulk Data)",
+    }))
+}
+
 /// The CapabilityStatement for a server at `base_url`.
 pub fn capability_statement(base_url: &str, released: &str, registry: &Registry) -> Value {
     let interactions = [
@@ -64,6 +83,9 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
             }
             if !includes.is_empty() {
                 entry["searchInclude"] = json!(includes);
+            }
+            if let Some(operation) = bulk_export_operation(name) {
+                entry["operation"] = json!([operation]);
             }
             entry
         })
@@ -118,6 +140,7 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
             "description": "Custodian FHIR R4 server",
             "url": base_url
         },
+        "instantiates": [BULK_DATA_CAPABILITY],
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "application/fhir+xml"],
         "rest": [{
@@ -137,7 +160,8 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
             },
             "resource": resources,
             "interaction": [{ "code": "history-system" }, { "code": "search-system" }],
-            "searchParam": common
+            "searchParam": common,
+            "operation": [bulk_export_operation("").unwrap_or_default()]
         }]
     })
 }

@@ -376,6 +376,51 @@ pub enum ErasureOutcome {
     Held(LegalHold),
 }
 
+/// A Bulk Data export job as stored (see `migrations/*/0008_export.sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportJobRow {
+    pub tenant: String,
+    pub job_id: String,
+    /// `queued`, `running`, `completed` or `failed`.
+    pub status: String,
+    /// SHA-256 (hex) of the requester's issuer and subject.
+    pub requester: String,
+    /// The kick-off (requester's claims and request), sealed under the tenant's data key.
+    pub spec: Vec<u8>,
+    pub spec_key_id: String,
+    pub transaction_us: i64,
+    pub expires_us: i64,
+    pub lease_owner: Option<String>,
+    pub lease_until_us: Option<i64>,
+    /// How many times a worker took the job.
+    pub attempts: i64,
+    /// Resources written so far.
+    pub exported: i64,
+    /// Why a failed job failed (a fixed message, never PHI).
+    pub error: Option<String>,
+}
+
+/// A sealed piece of an export's output: NDJSON lines of one type and one compartment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportChunk {
+    pub chunk_no: i64,
+    pub resource_type: String,
+    pub compartment: Option<String>,
+    pub key_id: String,
+    pub line_count: i64,
+    pub body: Vec<u8>,
+}
+
+/// The lease a worker holds on a running job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportLease {
+    pub tenant: String,
+    pub job_id: String,
+    pub owner: String,
+    /// Until when the lease runs when renewed now.
+    pub until_us: i64,
+}
+
 /// The storage operations the API needs. One implementation per SQL dialect family; see
 /// [`SqlStore`].
 #[async_trait]
@@ -713,4 +758,83 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
     async fn legal_holds(&self, scope: &Scope) -> StoreResult<Vec<LegalHold>>;
+
+    /// Stores a new export job (queued).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn insert_export_job(&self, job: &ExportJobRow) -> StoreResult<()>;
+
+    /// One export job, if it exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn export_job(&self, tenant: &str, job_id: &str) -> StoreResult<Option<ExportJobRow>>;
+
+    /// Takes the oldest queued job, or a running one whose lease ran out before `now_us` (its
+    /// node stopped), for `lease`; the partial output of a taken-over job is deleted (it restarts
+    /// from scratch). A conditional update decides between nodes racing for one job.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn claim_export_job(
+        &self,
+        lease: &ExportLease,
+        now_us: i64,
+    ) -> StoreResult<Option<ExportJobRow>>;
+
+    /// Appends output chunks and renews the lease, in one transaction, if the lease is still
+    /// held (the job was not cancelled or taken over); returns whether it was.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn append_export_chunks(
+        &self,
+        lease: &ExportLease,
+        chunks: &[ExportChunk],
+    ) -> StoreResult<bool>;
+
+    /// Ends a running job held under `lease` as `completed` or `failed` (with a fixed reason),
+    /// expiring at `expires_us`; returns whether the lease was still held.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn finish_export_job(
+        &self,
+        lease: &ExportLease,
+        status: &str,
+        error: Option<&str>,
+        expires_us: i64,
+    ) -> StoreResult<bool>;
+
+    /// `(resource type, lines)` of a job's output, by type name.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn export_outputs(&self, tenant: &str, job_id: &str) -> StoreResult<Vec<(String, i64)>>;
+
+    /// A job's chunks of one type, in order, from `after_chunk` on, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn export_chunks(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        resource_type: &str,
+        after_chunk: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<ExportChunk>>;
+
+    /// Deletes a job and its output (cancel); returns whether it existed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn delete_export_job(&self, tenant: &str, job_id: &str) -> StoreResult<bool>;
+
+    /// Deletes every job (and its output) that expired before `now_us`; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn sweep_export_jobs(&self, now_us: i64) -> StoreResult<u64>;
 }

@@ -7,6 +7,8 @@
 //! (column types, identity columns; later triggers and roles). Flags are stored as integers so
 //! that one row decoder reads both.
 
+mod export;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,9 +19,10 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
-    Checkpoint, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected, HistoryQuery,
-    IndexRows, LegalHold, RangeBounds, Scope, Store, StoreError, StoreResult, StoredAudit,
-    StoredDataKey, Tombstone, VersionRecord, VersionWrite, WriteMethod,
+    Checkpoint, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected, ExportChunk,
+    ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold, RangeBounds, Scope, Store,
+    StoreError, StoreResult, StoredAudit, StoredDataKey, Tombstone, VersionRecord, VersionWrite,
+    WriteMethod,
 };
 
 mod erasure;
@@ -1042,6 +1045,63 @@ impl Store for SqlStore {
 
     async fn legal_holds(&self, scope: &Scope) -> StoreResult<Vec<LegalHold>> {
         self.legal_holds_now(scope).await
+    }
+
+    async fn insert_export_job(&self, job: &ExportJobRow) -> StoreResult<()> {
+        export::insert_job(self, job).await
+    }
+
+    async fn export_job(&self, tenant: &str, job_id: &str) -> StoreResult<Option<ExportJobRow>> {
+        export::job(self, tenant, job_id).await
+    }
+
+    async fn claim_export_job(
+        &self,
+        lease: &ExportLease,
+        now_us: i64,
+    ) -> StoreResult<Option<ExportJobRow>> {
+        export::claim_job(self, lease, now_us).await
+    }
+
+    async fn append_export_chunks(
+        &self,
+        lease: &ExportLease,
+        chunks: &[ExportChunk],
+    ) -> StoreResult<bool> {
+        export::append_chunks(self, lease, chunks).await
+    }
+
+    async fn finish_export_job(
+        &self,
+        lease: &ExportLease,
+        status: &str,
+        error: Option<&str>,
+        expires_us: i64,
+    ) -> StoreResult<bool> {
+        export::finish_job(self, lease, status, error, expires_us).await
+    }
+
+    async fn export_outputs(&self, tenant: &str, job_id: &str) -> StoreResult<Vec<(String, i64)>> {
+        export::outputs(self, tenant, job_id).await
+    }
+
+    async fn export_chunks(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        resource_type: &str,
+        after_chunk: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<ExportChunk>> {
+        export::chunks(self, tenant, job_id, resource_type, after_chunk, limit).await
+    }
+
+    async fn delete_export_job(&self, tenant: &str, job_id: &str) -> StoreResult<bool> {
+        export::delete_job(self, tenant, job_id).await
+    }
+
+    async fn sweep_export_jobs(&self, now_us: i64) -> StoreResult<u64> {
+        export::sweep(self, now_us).await
     }
 }
 

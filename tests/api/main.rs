@@ -14,6 +14,7 @@ mod encryption;
 mod erasure;
 mod everything;
 mod examples;
+mod export;
 mod formats;
 mod history;
 mod import;

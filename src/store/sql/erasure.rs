@@ -193,6 +193,13 @@ impl SqlStore {
                 .execute(&mut *transaction)
                 .await
                 .map_err(classify)?;
+        // Bulk export outputs sealed under the destroyed key: unreadable now, and gone.
+        sqlx::query("DELETE FROM export_chunks WHERE tenant = $1 AND compartment = $2")
+            .bind(tenant)
+            .bind(pseudonym)
+            .execute(&mut *transaction)
+            .await
+            .map_err(classify)?;
         let mapping =
             sqlx::query("DELETE FROM patient_compartments WHERE tenant = $1 AND pseudonym = $2")
                 .bind(tenant)
