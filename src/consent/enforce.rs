@@ -1,9 +1,10 @@
 //! Consent in the access decision: each patient's active directives, loaded once per request,
 //! and which of the actors they name designate the caller.
 //!
-//! Nothing here outlives a request: a [`RequestConsents`] belongs to one [`Permit`]
-//! (`crate::authz::decision::Permit`), which belongs to one request, so a withdrawal or a new
-//! Consent takes effect on the next request on every node, with no cache to invalidate.
+//! Which Consents are current is never cached beyond a request: a [`RequestConsents`] belongs
+//! to one `Permit`, which belongs to one request, so a withdrawal or a new Consent takes effect
+//! on the next request on every node. Only the compilation of an immutable stored version is
+//! kept across requests.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,11 +31,22 @@ const MAX_ROLES_PER_PRACTITIONER: usize = 200;
 pub struct ConsentSource {
     store: Arc<dyn Store>,
     vault: Arc<Vault>,
+    /// Compiled directives by `(tenant, id, version)`. A stored version never changes, and which
+    /// versions are current is read afresh on every request, so this cache can never make a
+    /// withdrawn or replaced Consent count: it only saves decrypting and compiling again.
+    compiled: moka::sync::Cache<(String, String, i64), Option<Directive>>,
 }
+
+/// How many compiled Consent versions a node keeps.
+const COMPILED_CACHE_ENTRIES: u64 = 100_000;
 
 impl ConsentSource {
     pub fn new(store: Arc<dyn Store>, vault: Arc<Vault>) -> ConsentSource {
-        ConsentSource { store, vault }
+        ConsentSource {
+            store,
+            vault,
+            compiled: moka::sync::Cache::new(COMPILED_CACHE_ENTRIES),
+        }
     }
 
     /// The active directives of the patient behind `compartment`.
@@ -102,6 +114,24 @@ impl ConsentSource {
     }
 
     async fn compile(&self, scope: &Scope, record: &VersionRecord) -> ApiResult<Option<Directive>> {
+        let key = (
+            scope.tenant().to_string(),
+            record.id.clone(),
+            record.version,
+        );
+        if let Some(known) = self.compiled.get(&key) {
+            return Ok(known);
+        }
+        let directive = self.compile_now(scope, record).await?;
+        self.compiled.insert(key, directive.clone());
+        Ok(directive)
+    }
+
+    async fn compile_now(
+        &self,
+        scope: &Scope,
+        record: &VersionRecord,
+    ) -> ApiResult<Option<Directive>> {
         let Some(body) = self.vault.open(scope, record).await? else {
             return Ok(None);
         };
