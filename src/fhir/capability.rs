@@ -90,25 +90,27 @@ pub fn capability_statement(base_url: &str, released: &str, registry: &Registry)
             entry
         })
         .collect();
-    // Patient operations: $everything (the specification's definition) and $erase (this
-    // server's, served at /OperationDefinition/erase).
+    // Patient operations besides $export: $everything (the specification's definition) and
+    // $erase (this server's, served at /OperationDefinition/erase).
     if let Some(patient) = resources
         .iter_mut()
         .find(|resource| resource["type"] == "Patient")
     {
-        patient["operation"] = json!([
-            {
+        let mut operations = patient["operation"].as_array().cloned().unwrap_or_default();
+        operations.extend([
+            json!({
                 "name": "everything",
                 "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
                 "documentation": "start, end, _since, _type, _count; filtered by the access decision"
-            },
-            {
+            }),
+            json!({
                 "name": "erase",
                 "definition": format!("{base_url}/OperationDefinition/erase"),
                 "documentation": "crypto-shredding erasure of the patient's compartment (POST; \
                     compliance-officer; 409 under legal hold)"
-            }
+            }),
         ]);
+        patient["operation"] = json!(operations);
     }
     // AuditEvents are written only by the server's audit log; compliance roles read and search.
     resources.push(json!({
