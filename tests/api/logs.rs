@@ -3,6 +3,7 @@
 //! database URL carries a canary password and the requests carry a bearer token; then its whole
 //! output is searched for them.
 
+use std::io::Read as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -75,6 +76,19 @@ async fn logs_hold_no_phi_and_no_secrets() {
         .unwrap()
         .to_string();
     let mut server = command.spawn().expect("start custodian");
+    // Drain both pipes while the server runs: at trace level its background workers write more
+    // than a pipe holds, and a full pipe would stop the server in the middle of a log line.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(server.stdout.take().map(|pipe| Box::new(pipe) as _));
+    let stderr = drain(server.stderr.take().map(|pipe| Box::new(pipe) as _));
 
     custodian::install_crypto_provider();
     let mut headers = reqwest::header::HeaderMap::new();
@@ -142,17 +156,16 @@ async fn logs_hold_no_phi_and_no_secrets() {
         .arg("-TERM")
         .arg(server.id().to_string())
         .status();
-    let output = tokio::task::spawn_blocking(move || {
+    let (stdout, stderr) = tokio::task::spawn_blocking(move || {
         let _ = server.wait();
-        server.wait_with_output()
+        (stdout.join().unwrap(), stderr.join().unwrap())
     })
     .await
-    .unwrap()
     .unwrap();
     let log = format!(
         "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
     );
     let _ = std::fs::remove_dir_all(&data_dir);
     assert!(
