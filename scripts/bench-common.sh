@@ -10,6 +10,10 @@
 #   postgres_database    the database reset_postgres_database drops and recreates
 # PostgreSQL is expected at 127.0.0.1:5432, user postgres, trust auth.
 
+# A benchmark measures the server, not its per-client budget: the load generators send far more
+# than one client's default rate.
+export CUSTODIAN_RATE_LIMIT__CLIENT_PER_SEC=0 CUSTODIAN_RATE_LIMIT__UNAUTHENTICATED_PER_SEC=0
+
 postgres_host="${postgres_host:-127.0.0.1}"
 postgres_port="${postgres_port:-5432}"
 ready_timeout_secs="${ready_timeout_secs:-60}"

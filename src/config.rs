@@ -63,6 +63,8 @@ pub struct Settings {
     pub erasure: ErasureSettings,
     /// Bulk Data export: `[export]`, `CUSTODIAN_EXPORT__<KEY>`.
     pub export: ExportSettings,
+    /// Per-client request budgets: `[rate_limit]`, `CUSTODIAN_RATE_LIMIT__<KEY>`.
+    pub rate_limit: RateLimitSettings,
     /// Whether `serve` applies pending migrations first (`CUSTODIAN_MIGRATE_ON_START`). Off when
     /// the server runs as the restricted application role and migrations as the owner.
     pub migrate_on_start: bool,
@@ -85,6 +87,34 @@ impl Default for ConsentSettings {
         ConsentSettings {
             default_decision: crate::consent::Verdict::Permit,
             break_glass_secs: 3600,
+        }
+    }
+}
+
+/// Request budgets (see `src/api/rate_limit.rs`). A rate of 0 turns a budget off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RateLimitSettings {
+    /// Sustained requests per second of one client (token issuer, `client_id` and subject);
+    /// fractions allowed (0.5 = one request every two seconds).
+    pub client_per_sec: f64,
+    /// Requests one client may send at once above its sustained rate.
+    pub client_burst: u32,
+    /// Sustained requests per second from one network address without a valid token.
+    pub unauthenticated_per_sec: f64,
+    /// Requests without a valid token one address may send at once.
+    pub unauthenticated_burst: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        // Generous for an EHR integration (which sends transactions, not single resources) and
+        // far above what a person at a screen does; tight for a credential-guessing flood.
+        RateLimitSettings {
+            client_per_sec: 200.0,
+            client_burst: 400,
+            unauthenticated_per_sec: 20.0,
+            unauthenticated_burst: 40,
         }
     }
 }
@@ -307,6 +337,7 @@ impl Default for Settings {
             consent: ConsentSettings::default(),
             erasure: ErasureSettings::default(),
             export: ExportSettings::default(),
+            rate_limit: RateLimitSettings::default(),
             migrate_on_start: true,
         }
     }
@@ -328,6 +359,7 @@ impl std::fmt::Debug for Settings {
             .field("keys", &self.keys)
             .field("auth", &self.auth)
             .field("consent", &self.consent)
+            .field("rate_limit", &self.rate_limit)
             .finish_non_exhaustive()
     }
 }

@@ -209,6 +209,7 @@ async fn assemble(
         crate::audit::log::load_or_create_secret(&settings.audit_query_key_file())?;
     let (erasure_ledger, ledger_entries) =
         crate::erasure::Ledger::open(&settings.erasure_ledger_file())?;
+    let rate_limits = crate::api::rate_limit::RateLimits::new(&settings.rate_limit);
     let app = Arc::new(App {
         capability_statement: capability_statement(&base_url, "2026-11-22", &search.registry),
         settings,
@@ -224,7 +225,9 @@ async fn assemble(
         audit_query_key,
         search,
         erasure_ledger,
+        rate_limits,
     });
+    app.rate_limits.spawn_housekeeping();
     // Before anything is served: no erased patient comes back from a restored database.
     crate::erasure::reconcile(&app, &ledger_entries).await?;
     crate::erasure::watch(&app);

@@ -56,10 +56,17 @@ pub async fn authenticate(
         .map(str::trim);
     let Some(token) = token else {
         tracing::info!(reason = "no bearer token", "authentication failed");
-        return ApiError::Unauthorized.into_response();
+        return unauthenticated(&app, &request);
     };
     match app.tokens.authenticate(token).await {
         Ok(principal) => {
+            // The budget is charged before any other work (break-the-glass included).
+            let budget = app.rate_limits.check_client(&principal);
+            if let Some(refusal) = budget.refusal() {
+                let noted = principal.clone();
+                super::audit::note(|context| context.principal = Some(noted));
+                return refusal;
+            }
             // An emergency declaration is judged once per request, before any data is read;
             // one that cannot be honoured refuses the request (the refusal is audited).
             let principal = match request.headers().get(crate::consent::break_glass::HEADER) {
@@ -78,13 +85,28 @@ pub async fn authenticate(
             let noted = principal.clone();
             super::audit::note(|context| context.principal = Some(noted));
             request.extensions_mut().insert::<Arc<Principal>>(principal);
-            next.run(request).await
+            let mut response = next.run(request).await;
+            budget.annotate(response.headers_mut());
+            response
         }
         Err(error) => {
             tracing::info!(reason = %error, "authentication failed");
-            ApiError::Unauthorized.into_response()
+            unauthenticated(&app, &request)
         }
     }
+}
+
+/// The answer to a request without a valid token: 401, or 429 once its address has sent too
+/// many of them.
+fn unauthenticated(app: &AppState, request: &Request) -> Response {
+    let address = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|connected| connected.0.ip());
+    app.rate_limits
+        .check_address(address)
+        .refusal()
+        .unwrap_or_else(|| ApiError::Unauthorized.into_response())
 }
 
 /// `GET /.well-known/smart-configuration`

@@ -19,6 +19,7 @@ mod history;
 pub use history::parse_instant;
 mod operation;
 mod patch;
+pub mod rate_limit;
 mod read;
 mod search;
 mod update;
@@ -81,6 +82,8 @@ pub struct App {
     pub search: crate::search::Search,
     /// The erasure ledger outside the database (see [`crate::erasure`]).
     pub erasure_ledger: crate::erasure::Ledger,
+    /// Per-client request budgets.
+    pub rate_limits: rate_limit::RateLimits,
 }
 
 /// The axum state: one `App` behind an `Arc`.

@@ -117,6 +117,9 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
     settings.auth.dev_issuer = custodian::config::DevIssuerMode::On;
     settings.auth.policies_dir = repo_dir().join("policies");
     settings.audit.catalog_dir = repo_dir().join("audit");
+    // Tests fire requests as fast as the machine allows; the budgets have their own tests.
+    settings.rate_limit.client_per_sec = 0.0;
+    settings.rate_limit.unauthenticated_per_sec = 0.0;
     settings
 }
 

@@ -24,4 +24,5 @@ mod moto;
 mod oidc;
 mod oracle;
 mod patch;
+mod rate_limit;
 mod search;
