@@ -696,8 +696,14 @@ impl<'a> Importer<'a> {
         let mut responses = None;
         if distinct.len() == to_write.len() && !conditional {
             let transaction = bundle_of("transaction", entries.clone());
+            // The chunk is how the import writes single resources, not a Bundle of the
+            // data set: only its resources' writes are recorded.
+            let context = AuditContext {
+                internal: true,
+                ..self.context("update")
+            };
             if let (Ok(response), _) = audit::within(
-                self.context("update"),
+                context,
                 bundle::process(self.app, &self.operator, &transaction),
             )
             .await
@@ -898,8 +904,13 @@ impl<'a> Importer<'a> {
                         }
                     }
                 }
-                // The Bundle's own record, after its entries' ones (as the middleware does).
-                self.audit(&context, 200).await
+                // The Bundle's own record, after its entries' ones (as the middleware does),
+                // unless it committed with the data (a transaction that only writes).
+                if context.appended {
+                    Ok(())
+                } else {
+                    self.audit(&context, 200).await
+                }
             }
             Err(error) => {
                 let status = error.status().as_u16();

@@ -46,6 +46,10 @@ pub struct AuditContext {
     pub interaction: &'static str,
     /// Set when the record was appended in the write's own transaction.
     pub appended: bool,
+    /// Set by work that runs handlers as a part of a larger unit it audits on its own
+    /// (`custodian import`'s chunks of single resources): a transaction Bundle run within it
+    /// commits no record of its own, only its entries' ones.
+    pub internal: bool,
     /// The Consents that decided accesses of this request, each once.
     pub consent_decisions: Vec<crate::audit::event::ConsentDecision>,
     /// How many consent denies an emergency declaration overrode.

@@ -491,7 +491,7 @@ async fn transaction(
         Ok::<_, ApiError>(outcomes)
     })
     .await;
-    // The bundle's own audit record is the middleware's, after the entries' ones.
+    // The bundle's own audit record comes after the entries' ones.
     audit::note(|context| {
         context.appended = false;
         context.interaction = "transaction";
@@ -501,11 +501,26 @@ async fn transaction(
         context.patient = None;
     });
     let mut outcomes = results?;
+    // A transaction that only writes commits its own record with its data: were it appended
+    // after the commit (by the middleware) and that failed, the client would get a 503 for a
+    // transaction that was written. With GET entries the record follows their reads (it lists
+    // their consent decisions) and the middleware appends it before the answer leaves.
+    let reads = order.iter().any(|entry| entry.verb >= Verb::Get);
+    let own_record: Vec<_> = audit::current()
+        .filter(|context| !reads && !writes.is_empty() && !context.internal)
+        .map(|context| app.audit_entry(&context, "transaction", 200))
+        .into_iter()
+        .collect();
+    let committed_own_record = !own_record.is_empty();
     // Every collected write was decided by a permit of this server's tenant.
     let scope = crate::store::Scope::system(&app.settings.tenant);
     if !writes.is_empty() {
-        match app.store.write_many(&scope, writes, Vec::new()).await {
-            Ok(_) => {}
+        match app.store.write_many(&scope, writes, own_record).await {
+            Ok(_) => {
+                if committed_own_record {
+                    audit::note(|context| context.appended = true);
+                }
+            }
             Err(StoreError::VersionConflict) => return Err(ApiError::Conflict(
                 "a resource of the transaction changed concurrently; nothing was written, retry"
                     .into(),

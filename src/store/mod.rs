@@ -463,9 +463,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::VersionConflict`] when another writer got there first.
     async fn write(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord>;
 
-    /// Several version writes and extra audit records in one transaction: all or nothing
-    /// (transaction bundles). A lost race on any head fails the whole with
-    /// [`StoreError::VersionConflict`].
+    /// Several version writes and extra audit records (after the writes' own) in one
+    /// transaction: all or nothing (transaction bundles). A lost race on any head fails the
+    /// whole with [`StoreError::VersionConflict`].
     ///
     /// # Errors
     /// As [`Store::write`].

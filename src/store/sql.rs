@@ -153,12 +153,14 @@ impl SqlStore {
         self.lock_data_keys(&mut transaction, scope.tenant(), &key_ids)
             .await?;
         let mut records = Vec::with_capacity(writes.len());
-        // The entries' audit records go in with the bundle's, in one multi-row insert.
-        let mut audit = audit;
+        // The entries' audit records, then the bundle's own, in one multi-row insert.
+        let mut entries_audit = Vec::with_capacity(writes.len() + audit.len());
         for mut write in writes {
-            audit.extend(write.audit.take());
+            entries_audit.extend(write.audit.take());
             records.push(write_in(&mut transaction, scope, write).await?);
         }
+        entries_audit.extend(audit);
+        let audit = entries_audit;
         if !audit.is_empty() {
             append_audit_in(&mut transaction, &audit)
                 .await

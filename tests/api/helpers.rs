@@ -47,7 +47,7 @@ impl Drop for TestApp {
     }
 }
 
-fn postgres_server_url() -> String {
+pub fn postgres_server_url() -> String {
     std::env::var("CUSTODIAN_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
@@ -104,6 +104,23 @@ async fn drop_leftover_databases(admin: &mut sqlx::PgConnection) {
     }
 }
 
+/// A new, empty PostgreSQL database for one test; its URL. `None` when PostgreSQL is
+/// unreachable and skipping is allowed (see the module docs).
+pub async fn postgres_test_database() -> Option<String> {
+    if !postgres_reachable().await {
+        return None;
+    }
+    let name = format!("custodian_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server_url()))
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    Some(format!("{}/{name}", postgres_server_url()))
+}
+
 /// Settings for a test server with a fresh data directory.
 pub fn test_settings(data_dir: &std::path::Path) -> Settings {
     let mut settings = Settings {
@@ -153,21 +170,7 @@ pub async fn spawn_app_with(
     let mut settings = test_settings(&data_dir);
     let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}/custodian.db?mode=rwc", data_dir.display()),
-        Backend::Postgres => {
-            if !postgres_reachable().await {
-                return None;
-            }
-            let name = format!("custodian_test_{}", uuid::Uuid::new_v4().simple());
-            let mut admin =
-                sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server_url()))
-                    .await
-                    .expect("connect to PostgreSQL");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut admin)
-                .await
-                .expect("create test database");
-            format!("{}/{name}", postgres_server_url())
-        }
+        Backend::Postgres => postgres_test_database().await?,
     };
     settings.database_url = Some(SecretString::from(database_url.clone()));
     adjust(&mut settings);

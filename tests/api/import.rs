@@ -16,10 +16,10 @@ use crate::helpers::{repo_dir, testdata_dir, TestApp};
 /// The `USER` the CLI runs as: its audit records name `operator:import-test`.
 const OPERATOR: &str = "operator:import-test";
 
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) success: bool,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `custodian import --quiet PATHS…` on the test server's database and data directory.
@@ -48,7 +48,7 @@ fn import(app: &TestApp, paths: &[&Path]) -> Run {
 }
 
 /// The summary's totals: created, updated, unchanged, failed.
-fn totals(run: &Run) -> [u64; 4] {
+pub(crate) fn totals(run: &Run) -> [u64; 4] {
     let line = run
         .stdout
         .lines()
@@ -72,7 +72,7 @@ async fn total(app: &TestApp, query: &str) -> u64 {
 }
 
 /// Resources per type in a directory of NDJSON files.
-fn lines_per_type(directory: &Path) -> BTreeMap<String, u64> {
+pub(crate) fn lines_per_type(directory: &Path) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
     for entry in std::fs::read_dir(directory).expect("test data") {
         let text = std::fs::read_to_string(entry.expect("entry").path()).expect("ndjson");

@@ -15,6 +15,7 @@ mod erasure;
 mod everything;
 mod examples;
 mod export;
+mod faults;
 mod formats;
 mod history;
 mod import;
