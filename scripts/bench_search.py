@@ -252,12 +252,18 @@ class Client:
         self.host, self.port = match.group(1), int(match.group(2))
         self.token = token
         self.local = threading.local()
+        # Connections opened so far: more than the threads using the client means the server
+        # closed some.
+        self.connections_opened = 0
+        self.opened_lock = threading.Lock()
 
     def connection(self) -> http.client.HTTPConnection:
         connection = getattr(self.local, "connection", None)
         if connection is None:
             connection = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT_SECS)
             self.local.connection = connection
+            with self.opened_lock:
+                self.connections_opened += 1
         return connection
 
     def drop_connection(self) -> None:
@@ -266,8 +272,11 @@ class Client:
             connection.close()
             self.local.connection = None
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": FHIR_JSON}
+    def request(
+        self, method: str, path: str, body: bytes | None = None, token: str | None = None
+    ) -> tuple[int, bytes]:
+        """`token` overrides the client's own (one connection pool for many callers)."""
+        headers = {"Authorization": f"Bearer {token or self.token}", "Accept": FHIR_JSON}
         if body is not None:
             headers["Content-Type"] = FHIR_JSON
         for attempt in (1, 2):
