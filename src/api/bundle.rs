@@ -835,6 +835,93 @@ pub(crate) fn rewrite_references(
     }
 }
 
+/// What [`resolve_offline`] made of a transaction Bundle.
+#[derive(Debug, Default)]
+pub(crate) struct OfflineResolution {
+    /// `fullUrl` or conditional reference → the `Type/id` it resolved to.
+    pub references: HashMap<String, String>,
+    /// Each write entry's `fullUrl` with the `Type/id` that entry writes, in entry order.
+    pub full_urls: Vec<(String, String)>,
+    /// Each entry's resource before and after rewriting, in entry order.
+    pub resources: Vec<(Option<Map<String, Value>>, Option<Map<String, Value>>)>,
+}
+
+/// A transaction's reference resolution without a database: the entries are read, their
+/// targets registered and their references rewritten by the same functions as in
+/// [`transaction`], but every conditional search (`ifNoneExist`, conditional PUT and DELETE)
+/// matches nothing and every conditional reference resolves to `Type/conditional-<n>`.
+/// New ids are `new-<entry index>`, so the result is deterministic. Fuzzing drives it.
+///
+/// # Errors
+/// As a transaction, for a malformed entry or two entries changing the same resource.
+pub(crate) fn resolve_offline(
+    base_url: &str,
+    bundle: &Map<String, Value>,
+) -> ApiResult<OfflineResolution> {
+    let empty = Vec::new();
+    let raw_entries = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    let entries = raw_entries
+        .iter()
+        .enumerate()
+        .map(|(index, raw)| parse_entry(base_url, index, raw))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let mut resolution = OfflineResolution::default();
+    let mut touched = HashSet::new();
+    for entry in &entries {
+        let fresh = || format!("new-{}", entry.index);
+        let target = match (entry.verb, &entry.id, &entry.criteria) {
+            (Verb::Post, _, _) => Some(fresh()),
+            (Verb::Put | Verb::Delete, Some(id), _) => Some(id.clone()),
+            (Verb::Put, None, Some(_)) => Some(
+                entry
+                    .resource
+                    .as_ref()
+                    .and_then(|resource| resource.get("id"))
+                    .and_then(Value::as_str)
+                    .map_or_else(fresh, str::to_string),
+            ),
+            _ => None,
+        };
+        if let Some(id) = &target {
+            register_target(entry, id, &mut touched, &mut resolution.references)?;
+            if let Some(full_url) = &entry.full_url {
+                resolution
+                    .full_urls
+                    .push((full_url.clone(), format!("{}/{id}", entry.resource_type)));
+            }
+        }
+    }
+    for entry in &entries {
+        let rewritten = entry.resource.clone().map(|mut resource| {
+            let mut conditional_references = Vec::new();
+            collect_conditional_references(
+                &resource,
+                &resolution.references,
+                &mut conditional_references,
+            );
+            for reference in conditional_references {
+                let (resource_type, _) = reference.split_once('?').unwrap_or_default();
+                if crate::fhir::capability::is_served(resource_type) {
+                    let target = format!(
+                        "{resource_type}/conditional-{}",
+                        resolution.references.len()
+                    );
+                    resolution.references.insert(reference, target);
+                }
+            }
+            rewrite_references(&mut resource, &resolution.references);
+            resource
+        });
+        resolution
+            .resources
+            .push((entry.resource.clone(), rewritten));
+    }
+    Ok(resolution)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
