@@ -18,6 +18,7 @@
 //! - [`export`]: Bulk Data `$export` jobs and the background worker that runs them.
 //! - [`config`], [`startup`], [`telemetry`], [`cli`]: settings, wiring, logging, commands.
 //! - `src/fhir-codec/`: a separate crate that compiles fhirbolt's generic parser once.
+//! - `fuzzing` (hidden): the harnesses of the fuzz targets in `tests/fuzz/`.
 
 pub mod api;
 pub mod audit;
@@ -30,6 +31,8 @@ pub mod erasure;
 pub mod error;
 pub mod export;
 pub mod fhir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod import;
 pub mod search;
 pub mod startup;

@@ -150,7 +150,7 @@ pub async fn process(
             let entries = raw_entries
                 .iter()
                 .enumerate()
-                .map(|(index, raw)| parse_entry(app, index, raw))
+                .map(|(index, raw)| parse_entry(&app.base_url, index, raw))
                 .collect::<ApiResult<Vec<_>>>()?;
             // A transaction that lost a race (a resource or a conditional-create claim taken by
             // a concurrent one) left nothing behind: run it again, its searches now see the
@@ -177,8 +177,9 @@ pub async fn process(
     }
 }
 
-/// Reads `entry.request` (and the resource) of one entry.
-fn parse_entry(app: &App, index: usize, raw: &Value) -> ApiResult<Entry> {
+/// Reads `entry.request` (and the resource) of one entry; `base_url` is this server's public
+/// URL (an absolute request URL under it is taken as relative).
+fn parse_entry(base_url: &str, index: usize, raw: &Value) -> ApiResult<Entry> {
     let bad =
         |message: &str| ApiError::invalid(IssueCode::Invalid, format!("entry {index}: {message}"));
     let request = raw
@@ -199,7 +200,7 @@ fn parse_entry(app: &App, index: usize, raw: &Value) -> ApiResult<Entry> {
         .ok_or_else(|| bad("entry.request.url is required"))?;
     // An absolute URL on this server is its relative part.
     let url = url
-        .strip_prefix(&app.base_url)
+        .strip_prefix(base_url)
         .map(|rest| rest.trim_start_matches('/'))
         .unwrap_or(url);
     let (path, criteria) = match url.split_once('?') {
@@ -265,6 +266,33 @@ fn parse_entry(app: &App, index: usize, raw: &Value) -> ApiResult<Entry> {
             .map(|text| text.trim_start_matches('?').to_string()),
         resource,
     })
+}
+
+/// Records that a write `entry` will change `Type/id`: a second entry changing the same
+/// resource fails the transaction, and the entry's `fullUrl` now resolves to `Type/id`.
+/// Reads (GET, HEAD) resolve nothing.
+fn register_target(
+    entry: &Entry,
+    id: &str,
+    touched: &mut HashSet<(String, String)>,
+    references: &mut HashMap<String, String>,
+) -> ApiResult<()> {
+    if entry.verb >= Verb::Get {
+        return Ok(());
+    }
+    if !touched.insert((entry.resource_type.clone(), id.to_string())) {
+        return Err(entry_error(
+            entry,
+            ApiError::invalid(
+                IssueCode::Invalid,
+                "another entry of this transaction changes the same resource",
+            ),
+        ));
+    }
+    if let Some(full_url) = &entry.full_url {
+        references.insert(full_url.clone(), format!("{}/{id}", entry.resource_type));
+    }
+    Ok(())
 }
 
 /// The entry with its resource checked like a single interaction's body.
@@ -401,19 +429,8 @@ async fn transaction(
             },
             Verb::Get | Verb::Head => None,
         };
-        if let (Some(id), Verb::Post | Verb::Put | Verb::Delete) = (&target, entry.verb) {
-            if !touched.insert((entry.resource_type.clone(), id.clone())) {
-                return Err(entry_error(
-                    entry,
-                    ApiError::invalid(
-                        IssueCode::Invalid,
-                        "another entry of this transaction changes the same resource",
-                    ),
-                ));
-            }
-            if let Some(full_url) = &entry.full_url {
-                references.insert(full_url.clone(), format!("{}/{id}", entry.resource_type));
-            }
+        if let Some(id) = &target {
+            register_target(entry, id, &mut touched, &mut references)?;
         }
         targets[entry.index] = target;
     }
@@ -551,7 +568,8 @@ async fn transaction(
 async fn batch(app: &App, principal: &Arc<Principal>, raw_entries: &[Value]) -> ApiResult<Value> {
     let mut response_entries = Vec::with_capacity(raw_entries.len());
     for (index, raw) in raw_entries.iter().enumerate() {
-        let outcome = match parse_entry(app, index, raw).and_then(|entry| validated(app, entry)) {
+        let entry = parse_entry(&app.base_url, index, raw).and_then(|entry| validated(app, entry));
+        let outcome = match entry {
             Ok(entry) => batch_entry(app, principal, &entry).await,
             Err(error) => Outcome::Failed(error),
         };
@@ -830,6 +848,93 @@ pub(crate) fn rewrite_references(
             _ => {}
         }
     }
+}
+
+/// What [`resolve_offline`] made of a transaction Bundle.
+#[derive(Debug, Default)]
+pub(crate) struct OfflineResolution {
+    /// `fullUrl` or conditional reference → the `Type/id` it resolved to.
+    pub references: HashMap<String, String>,
+    /// Each write entry's `fullUrl` with the `Type/id` that entry writes, in entry order.
+    pub full_urls: Vec<(String, String)>,
+    /// Each entry's resource before and after rewriting, in entry order.
+    pub resources: Vec<(Option<Map<String, Value>>, Option<Map<String, Value>>)>,
+}
+
+/// A transaction's reference resolution without a database: the entries are read, their
+/// targets registered and their references rewritten by the same functions as in
+/// [`transaction`], but every conditional search (`ifNoneExist`, conditional PUT and DELETE)
+/// matches nothing and every conditional reference resolves to `Type/conditional-<n>`.
+/// New ids are `new-<entry index>`, so the result is deterministic. Fuzzing drives it.
+///
+/// # Errors
+/// As a transaction, for a malformed entry or two entries changing the same resource.
+pub(crate) fn resolve_offline(
+    base_url: &str,
+    bundle: &Map<String, Value>,
+) -> ApiResult<OfflineResolution> {
+    let empty = Vec::new();
+    let raw_entries = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    let entries = raw_entries
+        .iter()
+        .enumerate()
+        .map(|(index, raw)| parse_entry(base_url, index, raw))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let mut resolution = OfflineResolution::default();
+    let mut touched = HashSet::new();
+    for entry in &entries {
+        let fresh = || format!("new-{}", entry.index);
+        let target = match (entry.verb, &entry.id, &entry.criteria) {
+            (Verb::Post, _, _) => Some(fresh()),
+            (Verb::Put | Verb::Delete, Some(id), _) => Some(id.clone()),
+            (Verb::Put, None, Some(_)) => Some(
+                entry
+                    .resource
+                    .as_ref()
+                    .and_then(|resource| resource.get("id"))
+                    .and_then(Value::as_str)
+                    .map_or_else(fresh, str::to_string),
+            ),
+            _ => None,
+        };
+        if let Some(id) = &target {
+            register_target(entry, id, &mut touched, &mut resolution.references)?;
+            if let Some(full_url) = &entry.full_url {
+                resolution
+                    .full_urls
+                    .push((full_url.clone(), format!("{}/{id}", entry.resource_type)));
+            }
+        }
+    }
+    for entry in &entries {
+        let rewritten = entry.resource.clone().map(|mut resource| {
+            let mut conditional_references = Vec::new();
+            collect_conditional_references(
+                &resource,
+                &resolution.references,
+                &mut conditional_references,
+            );
+            for reference in conditional_references {
+                let (resource_type, _) = reference.split_once('?').unwrap_or_default();
+                if crate::fhir::capability::is_served(resource_type) {
+                    let target = format!(
+                        "{resource_type}/conditional-{}",
+                        resolution.references.len()
+                    );
+                    resolution.references.insert(reference, target);
+                }
+            }
+            rewrite_references(&mut resource, &resolution.references);
+            resource
+        });
+        resolution
+            .resources
+            .push((entry.resource.clone(), rewritten));
+    }
+    Ok(resolution)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ mod read;
 mod search;
 mod update;
 mod vread;
-mod write;
+pub(crate) mod write;
 
 use std::sync::Arc;
 use std::time::Duration;

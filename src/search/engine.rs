@@ -1186,7 +1186,11 @@ fn passes(check: &Check, found: &Found) -> bool {
 }
 
 /// A composite criterion: some node of the parameter satisfies every component at once.
-fn composite_passes(definition: &ParamDef, criterion: &Criterion, resource: &Value) -> bool {
+pub(crate) fn composite_passes(
+    definition: &ParamDef,
+    criterion: &Criterion,
+    resource: &Value,
+) -> bool {
     let Criterion::Plain { values, .. } = criterion else {
         return false;
     };
