@@ -825,8 +825,11 @@ fn collect_references<'v>(object: &'v Map<String, Value>, found: &mut Vec<&'v st
 mod tests {
     use std::path::PathBuf;
 
+    /// A fuzz target's harness.
+    type Harness = fn(&[u8]);
+
     /// Each target with its harness.
-    const TARGETS: [(&str, fn(&[u8])); 5] = [
+    const TARGETS: [(&str, Harness); 5] = [
         ("resource_json", super::resource_json),
         ("search_query", super::search_query),
         ("smart_scopes", super::smart_scopes),

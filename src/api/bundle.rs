@@ -850,6 +850,9 @@ pub(crate) fn rewrite_references(
     }
 }
 
+/// An entry's resource before and after reference rewriting (`None`: the entry has none).
+pub(crate) type RewrittenResource = (Option<Map<String, Value>>, Option<Map<String, Value>>);
+
 /// What [`resolve_offline`] made of a transaction Bundle.
 #[derive(Debug, Default)]
 pub(crate) struct OfflineResolution {
@@ -858,7 +861,7 @@ pub(crate) struct OfflineResolution {
     /// Each write entry's `fullUrl` with the `Type/id` that entry writes, in entry order.
     pub full_urls: Vec<(String, String)>,
     /// Each entry's resource before and after rewriting, in entry order.
-    pub resources: Vec<(Option<Map<String, Value>>, Option<Map<String, Value>>)>,
+    pub resources: Vec<RewrittenResource>,
 }
 
 /// A transaction's reference resolution without a database: the entries are read, their
