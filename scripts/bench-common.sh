@@ -1,7 +1,7 @@
 # scripts/bench-common.sh — shell functions shared by the benchmark scripts (sourced, not run).
 #
-# Provides logging (log, die, shout), the server's lifecycle (wait_until_ready, stop_server,
-# print_server_log), a free loopback port (find_free_port) and the benchmark PostgreSQL database
+# Provides logging (log, die, shout), the server's lifecycle (process_running, wait_until_ready,
+# stop_server, print_server_log), a free loopback port (find_free_port) and the benchmark PostgreSQL database
 # (psql_admin, postgres_reachable, reset_postgres_database).
 #
 # The sourcing script may set, before calling these functions:
@@ -35,22 +35,30 @@ shout() {
     } >&2
 }
 
+# Whether a process runs. `kill -0` also succeeds on a zombie, and the server stays one (it is our
+# child) until stop_server reaps it, so the state is read from /proc.
+process_running() {
+    local state
+    state="$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true)"
+    [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
 # Stops the running server (SIGTERM, then SIGKILL after a grace period) and reaps it.
 stop_server() {
     [[ -n "$server_pid" ]] || return 0
     local pid="$server_pid" exit_status=0 waited=0
     server_pid=""
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! process_running "$pid"; then
         wait "$pid" 2>/dev/null || exit_status=$?
         log "server (pid $pid) had already exited, with status $exit_status"
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null && ((waited < shutdown_timeout_secs * 4)); do
+    while process_running "$pid" && ((waited < shutdown_timeout_secs * 4)); do
         sleep 0.25
         waited=$((waited + 1))
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if process_running "$pid"; then
         log "warning: server (pid $pid) ignored SIGTERM for ${shutdown_timeout_secs}s; killing it"
         kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -107,7 +115,7 @@ reset_postgres_database() {
 wait_until_ready() {
     local base_url="$1" deadline=$((SECONDS + ready_timeout_secs)) status
     while ((SECONDS < deadline)); do
-        if ! kill -0 "$server_pid" 2>/dev/null; then
+        if ! process_running "$server_pid"; then
             log "server exited before becoming ready"
             return 1
         fi

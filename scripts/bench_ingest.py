@@ -9,6 +9,9 @@ each Synthea patient bundle (new ids per copy, as scripts/bench-search makes the
 transaction Bundle of PUT entries, from `--clients` concurrent clients, and prints resources/s
 and the p50/p95 latency of a transaction. Standard library only; nothing about the data is
 printed. The server must already run (see scripts/bench for how to start one).
+
+With --write-dir DIR nothing is sent: the same Bundles are written to DIR (the shared resources
+first, as 0-shared.json) for timing `custodian import DIR`, which prints its own rate.
 """
 import argparse
 import json
@@ -23,8 +26,9 @@ import bench_search  # noqa: E402  (the Synthea replication and HTTP client live
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--token-file", required=True)
+    parser.add_argument("--base-url")
+    parser.add_argument("--token-file")
+    parser.add_argument("--write-dir", help="write the Bundles here instead of sending them")
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument(
@@ -32,16 +36,12 @@ def main() -> int:
         default=str(Path(__file__).resolve().parents[2] / "shared/testdata/synthea-r4-bundles"),
     )
     arguments = parser.parse_args()
-    token = Path(arguments.token_file).read_text().strip()
-    client = bench_search.Client(arguments.base_url, token)
     dataset = bench_search.read_dataset(Path(arguments.synthea_dir))
     replicator = bench_search.Replicator(dataset)
     copies = max(1, arguments.patients // bench_search.PATIENTS_PER_COPY)
 
-    for kind, resource_id, text in dataset.shared:
-        status, _ = client.request("PUT", f"/{kind}/{resource_id}", text.encode())
-        if status not in (200, 201):
-            raise SystemExit(f"loading a shared {kind} answered {status}")
+    def transaction(entries) -> bytes:
+        return json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}).encode()
 
     def bundles():
         for copy in range(copies):
@@ -53,9 +53,31 @@ def main() -> int:
                     }
                     for kind, resource_id, body in replicator.copy(bundle, copy)
                 ]
-                yield len(entries), json.dumps(
-                    {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-                ).encode()
+                yield len(entries), transaction(entries)
+
+    if arguments.write_dir:
+        directory = Path(arguments.write_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        shared = [
+            {"resource": json.loads(text), "request": {"method": "PUT", "url": f"{kind}/{resource_id}"}}
+            for kind, resource_id, text in dataset.shared
+        ]
+        (directory / "0-shared.json").write_bytes(transaction(shared))
+        written = len(shared)
+        for number, (count, body) in enumerate(bundles(), start=1):
+            (directory / f"{number:06d}.json").write_bytes(body)
+            written += count
+        print(f"bench-ingest: wrote {written} resources in {number + 1} Bundles to {directory}", file=sys.stderr)
+        return 0
+
+    if not arguments.base_url or not arguments.token_file:
+        parser.error("--base-url and --token-file are required unless --write-dir is given")
+    token = Path(arguments.token_file).read_text().strip()
+    client = bench_search.Client(arguments.base_url, token)
+    for kind, resource_id, text in dataset.shared:
+        status, _ = client.request("PUT", f"/{kind}/{resource_id}", text.encode())
+        if status not in (200, 201):
+            raise SystemExit(f"loading a shared {kind} answered {status}")
 
     latencies: list[float] = []
     failures = 0

@@ -101,6 +101,10 @@ pub async fn run(settings: Settings, arguments: ImportArgs) -> Result<(), String
     let tally = std::mem::take(&mut importer.tally);
     drop(importer);
     print_summary(&tally, started.elapsed());
+    // Searches right after a large import should not wait for the database's own analysis.
+    if let Err(error) = app.store.refresh_statistics().await {
+        tracing::warn!(%error, "refreshing the planner statistics after the import failed");
+    }
     let sealed = seal_audit_log(&app).await;
     // The pool is not closed: the audit checkpointer (a task of the assembled application)
     // queries every 100 ms and would log a false alarm on a closed pool. Everything written is

@@ -299,9 +299,17 @@ impl TokenValidator {
                 "token scopes ignored as malformed or unknown"
             );
         }
+        // Every access is audited with its agent, so a token must name one: its subject, or for a
+        // client acting on its own behalf (client credentials) the client, as RFC 9068 has `sub`
+        // say. A token naming neither is refused rather than audited as an anonymous agent.
+        let client_id = text("client_id").or_else(|| text("azp"));
+        let subject = text("sub")
+            .filter(|subject| !subject.is_empty())
+            .or_else(|| client_id.clone().filter(|client| !client.is_empty()))
+            .ok_or_else(|| AuthError::Invalid("the token names no subject (sub)".to_string()))?;
         Ok(Principal {
-            subject: text("sub").unwrap_or_default(),
-            client_id: text("client_id").or_else(|| text("azp")),
+            subject,
+            client_id,
             issuer: issuer.to_string(),
             fhir_user: text("fhirUser").as_deref().and_then(FhirUser::parse),
             roles,

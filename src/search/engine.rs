@@ -41,6 +41,10 @@ pub const MAX_EVALUATED: usize = 50_000;
 /// Most resources a chained parameter or `_has` is resolved to as a list; beyond it, the
 /// criterion is checked per candidate instead.
 pub const MAX_CHAIN_MATCHES: usize = 1_000;
+/// How many inner matches one per-candidate check is worth (an index look-up, a decryption):
+/// a chain or `_has` is checked per candidate when the other criteria leave at most 1/this as
+/// many candidates as the inner search has in the index.
+const PER_CANDIDATE_COST: usize = 4;
 /// Most resources `_include`/`_revinclude` add to one page.
 pub const MAX_INCLUDED: usize = 1_000;
 /// Rounds of `:iterate`.
@@ -301,8 +305,17 @@ impl<'a> Search<'a> {
     }
 
     /// Turns chains and `_has` into sets of resources, and looks up each plain parameter.
+    ///
+    /// A chain or `_has` is either resolved first into the list of resources it allows (its
+    /// inner search decrypts and re-checks each of them), or checked per candidate that the
+    /// other criteria leave (one small inner search each). Which one is cheaper depends on the
+    /// two sizes, so both are estimated from the index alone before anything is decrypted:
+    /// per candidate when the inner search has more than [`MAX_CHAIN_MATCHES`] index
+    /// candidates, or when the other criteria leave far fewer candidates than it has. Both
+    /// ways give the same, exact, result.
     async fn resolve(&self, types: &[String], criteria: &[Criterion]) -> ApiResult<Vec<Check>> {
         let mut checks = Vec::with_capacity(criteria.len());
+        let outer_filters = self.plain_filters(criteria)?;
         for criterion in criteria {
             match criterion {
                 Criterion::Plain {
@@ -325,6 +338,17 @@ impl<'a> Search<'a> {
                     let definition = self.definition(resource_type, code)?;
                     let inner_search =
                         Box::pin(Search::start(self.app, self.principal, target_types)).await?;
+                    if self
+                        .per_candidate_is_cheaper(types, &outer_filters, &inner_search, inner)
+                        .await?
+                    {
+                        checks.push(Check::ChainEach {
+                            definition,
+                            target_types: target_types.clone(),
+                            inner: inner.as_ref().clone(),
+                        });
+                        continue;
+                    }
                     let targets = Box::pin(
                         inner_search
                             .all(std::slice::from_ref(inner.as_ref()), MAX_CHAIN_MATCHES + 1),
@@ -360,6 +384,17 @@ impl<'a> Search<'a> {
                         std::slice::from_ref(source_type),
                     ))
                     .await?;
+                    if self
+                        .per_candidate_is_cheaper(types, &outer_filters, &inner_search, inner)
+                        .await?
+                    {
+                        checks.push(Check::HasEach {
+                            source_type: source_type.clone(),
+                            reference_code: reference_code.clone(),
+                            inner: inner.as_ref().clone(),
+                        });
+                        continue;
+                    }
                     let sources = Box::pin(
                         inner_search
                             .all(std::slice::from_ref(inner.as_ref()), MAX_CHAIN_MATCHES + 1),
@@ -399,6 +434,80 @@ impl<'a> Search<'a> {
             }
         }
         Ok(checks)
+    }
+
+    /// The index filters of the plain criteria among `criteria` (chains and `_has` left out).
+    fn plain_filters(&self, criteria: &[Criterion]) -> ApiResult<Vec<CandidateFilter>> {
+        let mut plain = Vec::new();
+        for criterion in criteria {
+            if let Criterion::Plain {
+                resource_type,
+                code,
+                ..
+            } = criterion
+            {
+                plain.push(Check::Plain {
+                    definition: self.definition(resource_type, code)?,
+                    criterion: criterion.clone(),
+                });
+            }
+        }
+        Ok(self.filters(&plain))
+    }
+
+    /// Whether a chain or `_has` whose inner criterion `inner` is searched by `inner_search`
+    /// is cheaper checked per candidate of `types` narrowed by `outer_filters` than resolved
+    /// into a list first (see [`Search::resolve`]). Only a plain inner criterion is estimated;
+    /// a nested chain keeps the list unless it proves too long.
+    async fn per_candidate_is_cheaper(
+        &self,
+        types: &[String],
+        outer_filters: &[CandidateFilter],
+        inner_search: &Search<'_>,
+        inner: &Criterion,
+    ) -> ApiResult<bool> {
+        if !matches!(inner, Criterion::Plain { .. }) {
+            return Ok(false);
+        }
+        let inner_types = inner_search.types();
+        let inner_filters = inner_search.plain_filters(std::slice::from_ref(inner))?;
+        let inner_count = inner_search
+            .count_candidates(&inner_types, inner_filters, MAX_CHAIN_MATCHES + 1)
+            .await?;
+        if inner_count > MAX_CHAIN_MATCHES {
+            return Ok(true);
+        }
+        let affordable = inner_count / PER_CANDIDATE_COST;
+        if outer_filters.is_empty() || affordable == 0 {
+            return Ok(false);
+        }
+        let outer_count = self
+            .count_candidates(types, outer_filters.to_vec(), affordable + 1)
+            .await?;
+        Ok(outer_count <= affordable)
+    }
+
+    /// How many index candidates `filters` leave among `types`, counted up to `limit`.
+    async fn count_candidates(
+        &self,
+        types: &[String],
+        filters: Vec<CandidateFilter>,
+        limit: usize,
+    ) -> ApiResult<usize> {
+        let candidates = self
+            .app
+            .store
+            .search_candidates(
+                &self.scope,
+                &CandidateQuery {
+                    resource_types: types.to_vec(),
+                    filters,
+                    after: None,
+                    limit,
+                },
+            )
+            .await?;
+        Ok(candidates.len())
     }
 
     fn definition(&self, resource_type: &str, code: &str) -> ApiResult<Arc<ParamDef>> {

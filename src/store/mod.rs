@@ -434,6 +434,14 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] when it does not.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Refreshes the planner's statistics of the resource and search-index tables after a bulk
+    /// load, so that the first searches after it get index plans instead of waiting for the
+    /// database's own background analysis (PostgreSQL's autovacuum runs about once a minute).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn refresh_statistics(&self) -> StoreResult<()>;
+
     /// The current version of a resource (which may be a deletion), if it ever existed.
     ///
     /// # Errors

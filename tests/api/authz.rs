@@ -150,6 +150,16 @@ async fn tokens_are_required_and_checked(app: TestApp) {
                 claims.as_object_mut().unwrap().remove("exp");
             }),
         ),
+        (
+            "no subject and no client",
+            with(&|claims| {
+                claims.as_object_mut().unwrap().remove("sub");
+            }),
+        ),
+        (
+            "an empty subject",
+            with(&|claims| claims["sub"] = json!("")),
+        ),
     ];
     for (case, token) in &refused {
         assert_eq!(

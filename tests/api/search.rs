@@ -2294,6 +2294,65 @@ async fn synthea_chains_and_includes(app: &TestApp, resources: &[Value]) {
         expected,
     )
     .await;
+    // A selective outer criterion (one id) with an inner one that many Observations match: the
+    // engine then checks `_has` per candidate (one small inner search each) instead of listing
+    // every Observation of the code first. The answer must not depend on that choice.
+    let observations_of = |code: &str| {
+        observations
+            .iter()
+            .filter(|observation| has_coding(&observation["code"], Some(LOINC), code))
+            .count()
+    };
+    let (code, expected) = patients_by_code
+        .iter()
+        .filter(|(_, holders)| holders.len() < patients.len())
+        .max_by_key(|(code, _)| (observations_of(code), **code))
+        .expect("a code that not every patient has");
+    assert!(
+        observations_of(code) >= 8,
+        "the inner search must be much broader than the outer one"
+    );
+    for patient in &patients {
+        let id = id_of(patient);
+        let wanted = if expected.contains(&format!("Patient/{id}")) {
+            keys([key(patient)])
+        } else {
+            BTreeSet::new()
+        };
+        expect_matches(
+            app,
+            &format!("Patient?_has:Observation:patient:code={LOINC}|{code}&_id={id}"),
+            &wanted,
+        )
+        .await;
+    }
+    // And a chain whose outer criterion leaves one candidate while its inner one has several.
+    let observation = observations
+        .iter()
+        .find(|observation| reference_of(observation, "subject").is_some())
+        .expect("an Observation with a subject");
+    let subject = reference_of(observation, "subject").unwrap();
+    let subject_gender = patients
+        .iter()
+        .find(|patient| key(patient) == subject)
+        .map(|patient| patient["gender"].as_str().unwrap().to_string())
+        .expect("the subject is loaded");
+    for gender in ["female", "male"] {
+        let wanted = if gender == subject_gender {
+            keys([key(observation)])
+        } else {
+            BTreeSet::new()
+        };
+        expect_matches(
+            app,
+            &format!(
+                "Observation?_id={}&subject:Patient.gender={gender}",
+                observation["id"].as_str().unwrap()
+            ),
+            &wanted,
+        )
+        .await;
+    }
 
     // _include:iterate: an Observation's Encounter, then that Encounter's service provider.
     let (observation, encounter) = observations
