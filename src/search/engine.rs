@@ -458,7 +458,9 @@ impl<'a> Search<'a> {
     /// Whether a chain or `_has` whose inner criterion `inner` is searched by `inner_search`
     /// is cheaper checked per candidate of `types` narrowed by `outer_filters` than resolved
     /// into a list first (see [`Search::resolve`]). Only a plain inner criterion is estimated;
-    /// a nested chain keeps the list unless it proves too long.
+    /// a nested chain keeps the list unless it proves too long. Both counts stop early: the
+    /// outer one at what per-candidate checks could afford, the inner one at what the outer
+    /// count makes worth it.
     async fn per_candidate_is_cheaper(
         &self,
         types: &[String],
@@ -469,22 +471,24 @@ impl<'a> Search<'a> {
         if !matches!(inner, Criterion::Plain { .. }) {
             return Ok(false);
         }
+        // Per candidate when the inner search has more than this many index candidates.
+        let mut worth_it = MAX_CHAIN_MATCHES;
+        if !outer_filters.is_empty() {
+            let outer_count = self
+                .count_candidates(
+                    types,
+                    outer_filters.to_vec(),
+                    MAX_CHAIN_MATCHES / PER_CANDIDATE_COST + 1,
+                )
+                .await?;
+            worth_it = worth_it.min(outer_count * PER_CANDIDATE_COST);
+        }
         let inner_types = inner_search.types();
         let inner_filters = inner_search.plain_filters(std::slice::from_ref(inner))?;
         let inner_count = inner_search
-            .count_candidates(&inner_types, inner_filters, MAX_CHAIN_MATCHES + 1)
+            .count_candidates(&inner_types, inner_filters, worth_it + 1)
             .await?;
-        if inner_count > MAX_CHAIN_MATCHES {
-            return Ok(true);
-        }
-        let affordable = inner_count / PER_CANDIDATE_COST;
-        if outer_filters.is_empty() || affordable == 0 {
-            return Ok(false);
-        }
-        let outer_count = self
-            .count_candidates(types, outer_filters.to_vec(), affordable + 1)
-            .await?;
-        Ok(outer_count <= affordable)
+        Ok(inner_count > worth_it)
     }
 
     /// How many index candidates `filters` leave among `types`, counted up to `limit`.
@@ -494,10 +498,10 @@ impl<'a> Search<'a> {
         filters: Vec<CandidateFilter>,
         limit: usize,
     ) -> ApiResult<usize> {
-        let candidates = self
+        Ok(self
             .app
             .store
-            .search_candidates(
+            .count_candidates(
                 &self.scope,
                 &CandidateQuery {
                     resource_types: types.to_vec(),
@@ -506,8 +510,7 @@ impl<'a> Search<'a> {
                     limit,
                 },
             )
-            .await?;
-        Ok(candidates.len())
+            .await?)
     }
 
     fn definition(&self, resource_type: &str, code: &str) -> ApiResult<Arc<ParamDef>> {

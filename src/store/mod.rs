@@ -696,6 +696,14 @@ pub trait Store: Send + Sync + 'static {
         query: &CandidateQuery,
     ) -> StoreResult<Vec<(String, String)>>;
 
+    /// How many resources [`Store::search_candidates`] would list for `query`, counted up to
+    /// `query.limit` only and in no order, so the database may stop early: a cheap size
+    /// estimate for choosing how to evaluate a search.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn count_candidates(&self, scope: &Scope, query: &CandidateQuery) -> StoreResult<usize>;
+
     /// The current versions of these resources of one type (deleted ones included, unknown ids
     /// left out), in no particular order.
     ///

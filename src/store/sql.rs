@@ -822,12 +822,26 @@ impl Store for SqlStore {
         rows.iter().map(decode).collect()
     }
 
+    async fn count_candidates(&self, scope: &Scope, query: &CandidateQuery) -> StoreResult<usize> {
+        let (statement, binds) = candidate_statement(scope, query, false);
+        let count: i64 = bind_all(
+            sqlx::query(&format!("SELECT COUNT(*) FROM ({statement}) c")),
+            binds,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?
+        .try_get(0)
+        .map_err(internal)?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
     async fn search_candidates(
         &self,
         scope: &Scope,
         query: &CandidateQuery,
     ) -> StoreResult<Vec<(String, String)>> {
-        let (statement, binds) = candidate_statement(scope, query);
+        let (statement, binds) = candidate_statement(scope, query, true);
         let rows = bind_all(sqlx::query(&statement), binds)
             .fetch_all(&self.pool)
             .await
@@ -1310,8 +1324,13 @@ fn like_prefix(prefix: &str) -> String {
     pattern
 }
 
-/// The SQL of a candidate query. Every client value is bound, never spliced into the text.
-fn candidate_statement(scope: &Scope, query: &CandidateQuery) -> (String, Vec<Bind>) {
+/// The SQL of a candidate query, in (type, id) order when `ordered` (else the database may stop
+/// at the limit without sorting). Every client value is bound, never spliced into the text.
+fn candidate_statement(
+    scope: &Scope,
+    query: &CandidateQuery,
+    ordered: bool,
+) -> (String, Vec<Bind>) {
     let mut binds = Binds::default();
     let tenant = binds.text(scope.tenant());
     let mut conditions = vec![format!("h.tenant = {tenant}"), "h.deleted = 0".to_string()];
@@ -1347,9 +1366,13 @@ fn candidate_statement(scope: &Scope, query: &CandidateQuery) -> (String, Vec<Bi
     let limit = binds.push(Bind::Integer(
         i64::try_from(query.limit).unwrap_or(i64::MAX),
     ));
+    let order = if ordered {
+        "ORDER BY h.resource_type, h.resource_id "
+    } else {
+        ""
+    };
     let statement = format!(
-        "SELECT h.resource_type, h.resource_id FROM resource_heads h WHERE {} \
-         ORDER BY h.resource_type, h.resource_id LIMIT {limit}",
+        "SELECT h.resource_type, h.resource_id FROM resource_heads h WHERE {} {order}LIMIT {limit}",
         conditions.join(" AND ")
     );
     (statement, binds.0)
