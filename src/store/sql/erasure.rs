@@ -68,9 +68,12 @@ impl SqlStore {
         query: &CompartmentQuery,
     ) -> StoreResult<Vec<VersionRecord>> {
         let mut binds = Binds::default();
+        let tenant = binds.text(scope.tenant());
+        // `v.tenant` stated for SQLite's sake (see current_in_compartment).
         let mut conditions = vec![
-            format!("h.tenant = {}", binds.text(scope.tenant())),
+            format!("h.tenant = {tenant}"),
             "h.deleted = 0".to_string(),
+            format!("v.tenant = {tenant}"),
             format!("v.compartment = {}", binds.text(&query.compartment)),
         ];
         if !query.resource_types.is_empty() {
@@ -143,9 +146,9 @@ impl SqlStore {
              JOIN resource_versions cur ON cur.tenant = h.tenant \
               AND cur.resource_type = h.resource_type AND cur.resource_id = h.resource_id \
               AND cur.version_id = h.version_id \
-             WHERE h.tenant = $1 AND EXISTS (SELECT 1 FROM resource_versions p \
-               WHERE p.tenant = h.tenant AND p.resource_type = h.resource_type \
-                 AND p.resource_id = h.resource_id AND p.compartment = $2)",
+             WHERE h.tenant = $1 AND (h.resource_type, h.resource_id) IN \
+               (SELECT p.resource_type, p.resource_id FROM resource_versions p \
+                WHERE p.tenant = $1 AND p.compartment = $2)",
         )
         .bind(tenant)
         .bind(pseudonym)
