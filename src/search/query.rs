@@ -736,8 +736,10 @@ impl Parser<'_> {
                     } else if self.is_sortable(code) {
                         control.sort.push((code.to_owned(), descending));
                     } else {
+                        // The key is client text and is not echoed (it could hold anything);
+                        // the client has its own request to compare with.
                         ignore(format!(
-                            "cannot sort by {code}: not a search parameter of {}",
+                            "a _sort key is not a search parameter of {}",
                             self.searched_type
                         ));
                     }
@@ -2032,12 +2034,12 @@ mod tests {
             [
                 (
                     "_sort",
-                    "cannot sort by nonsense: not a search parameter of Observation"
+                    "a _sort key is not a search parameter of Observation"
                 ),
                 ("_sort", "_sort has an empty key"),
                 (
                     "_sort",
-                    "cannot sort by code-value-quantity: not a search parameter of Observation"
+                    "a _sort key is not a search parameter of Observation"
                 ),
                 (
                     "_count",

@@ -99,6 +99,14 @@ fn locate_unknown_field(bytes: &[u8], message: &str) -> Option<String> {
 /// A [`CodecError`] when the XML is malformed, nested deeper than [`MAX_XML_DEPTH`], or not a
 /// valid R4 resource.
 pub fn xml_to_json(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
+    // FHIR XML is UTF-8, and fhirbolt's reader panics on an element name that is not (found by
+    // the resource_json fuzz target): refuse such a body before it gets there.
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(CodecError {
+            message: "the XML is not valid UTF-8".into(),
+            location: None,
+        });
+    }
     check_xml_depth(bytes)?;
     let resource =
         fhirbolt::xml::from_slice::<Resource>(bytes, strict()).map_err(|error| CodecError {
@@ -364,6 +372,15 @@ mod tests {
         let error = check_json(body).unwrap_err();
         assert!(!error.to_string().contains("Jane"), "{error}");
         assert!(error.message.contains("boolean"), "{error}");
+    }
+
+    #[test]
+    fn xml_that_is_not_utf8_is_refused_without_a_panic() {
+        let mut xml = b"<P".to_vec();
+        xml.extend_from_slice(&[0x9f, 0x8b]);
+        xml.extend_from_slice(b" xmlns=\"http://hl7.org/fhir\"><id value=\"x\"/></P>");
+        let error = xml_to_json(&xml).unwrap_err();
+        assert_eq!(error.message, "the XML is not valid UTF-8");
     }
 
     #[test]
