@@ -2,18 +2,24 @@
 """The driver of scripts/bench-consent (see there for the whole picture). Standard library only.
 
   bench_consent.py --base-url URL --label LABEL --results FILE [--patients N] [--observations M]
-                   [--clients C] [--seconds S] [--consents "0 1 10"]
+                   [--clients C] [--seconds S] [--rounds R] [--consents "0 1 10"]
 
-Loads N patients with M Observations each (one transaction Bundle per patient, every patient
-naming Practitioner/bench-doc as general practitioner), then for each consent count k brings
-every patient to k active Consents and measures, as Practitioner/bench-doc, a read phase
-(GET Observation/{id}) and a search phase (GET Observation?subject=Patient/{id}&_count=10), each
-S seconds from C threads after a warm-up. Each Consent denies a different other practitioner,
-so none applies to bench-doc: every access evaluates all k directives (the worst case) and
-still answers 200, which the driver checks.
+For each consent count k it loads a cohort of N patients with M Observations each (one
+transaction Bundle per patient, every patient naming Practitioner/bench-doc as general
+practitioner) and gives every patient of that cohort k active Consents. Each Consent denies a
+different other practitioner, so none applies to bench-doc: every access evaluates all k
+directives (the worst case) and still answers 200, which the driver checks.
+
+It then measures, as Practitioner/bench-doc, reads (GET Observation/{id}) and searches
+(GET Observation?subject=Patient/{id}&_count=10) of each cohort from C threads, in R rounds
+that visit the cohorts in a rotating order, S/R seconds per cohort and kind per round, after a
+warm-up. Interleaving is what makes the cohorts comparable: the server's data (its audit log
+above all) grows with every request, and this shared machine's speed drifts by tens of percent
+from one minute to the next, so cohorts measured one after the other would measure the drift.
 
 Tokens come from the environment: CUSTODIAN_BENCH_TOKEN (ehr-system, for loading) and
-CUSTODIAN_BENCH_READER_TOKEN (the practitioner). Appends one JSON line per phase to --results.
+CUSTODIAN_BENCH_READER_TOKEN (the practitioner). Appends one JSON line per (cohort, kind) to
+--results.
 """
 
 from __future__ import annotations
@@ -126,44 +132,51 @@ def consent(patient_id: str, number: int) -> bytes:
     }).encode()
 
 
-def measure(client: Client, paths: list[str], clients: int, seconds: float) -> dict:
+def timed_requests(client: Client, paths: list[str], clients: int, seconds: float
+                   ) -> tuple[list[float], int]:
+    """Sends GETs of random `paths` from `clients` threads for `seconds`; returns the latencies
+    (seconds) of the answers that were 200 and the count of the others."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
 
-    def worker(stop_at: float, record: bool) -> None:
+    def worker() -> None:
         mine = []
+        failures = 0
         rng = random.Random()
         while time.monotonic() < stop_at:
             path = rng.choice(paths)
             started = time.perf_counter()
             status, _ = client.request("GET", path)
             elapsed = time.perf_counter() - started
-            if status != 200:
-                with lock:
-                    errors[0] += 1
-            elif record:
+            if status == 200:
                 mine.append(elapsed)
+            else:
+                failures += 1
         with lock:
             latencies.extend(mine)
+            errors[0] += failures
 
-    for record, duration in ((False, min(2.0, seconds / 4)), (True, seconds)):
-        stop_at = time.monotonic() + duration
-        threads = [threading.Thread(target=worker, args=(stop_at, record)) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    latencies.sort()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors[0]
+
+
+def summarize(latencies: list[float], errors: int, seconds: float) -> dict:
+    latencies = sorted(latencies)
 
     def percentile(fraction: float) -> float:
         if not latencies:
             return float("nan")
         return latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] * 1000
 
-    return {"requests": len(latencies), "errors": errors[0],
-            "per_second": len(latencies) / seconds, "p50_ms": percentile(0.50),
-            "p95_ms": percentile(0.95)}
+    return {"requests": len(latencies), "errors": errors,
+            "per_second": len(latencies) / seconds if seconds else float("nan"),
+            "p50_ms": percentile(0.50), "p95_ms": percentile(0.95)}
 
 
 def main() -> None:
@@ -171,40 +184,57 @@ def main() -> None:
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--label", required=True)
     parser.add_argument("--results", required=True)
-    parser.add_argument("--patients", type=int, default=40)
+    parser.add_argument("--patients", type=int, default=40, help="patients per cohort")
     parser.add_argument("--observations", type=int, default=25)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=10,
+                        help="measured seconds per cohort and kind, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--consents", default="0 1 10")
     parser.add_argument("--analyze-database-url",
                         help="PostgreSQL to ANALYZE after loading (as autovacuum would, in time)")
     arguments = parser.parse_args()
     loader = Client(arguments.base_url, os.environ["CUSTODIAN_BENCH_TOKEN"])
     reader = Client(arguments.base_url, os.environ["CUSTODIAN_BENCH_READER_TOKEN"])
-    log(f"[{arguments.label}] loading {arguments.patients} patients x {arguments.observations} Observations")
-    loaded = load(loader, arguments.patients, arguments.observations)
-    reads = [f"/Observation/{oid}" for _, ids in loaded for oid in ids]
-    searches = [f"/Observation?subject=Patient/{pid}&_count=10" for pid, _ in loaded]
-    have = 0
-    failed = False
-    for wanted in [int(count) for count in arguments.consents.split()]:
-        for number in range(have, wanted):
-            for patient_id, _ in loaded:
+    counts = [int(count) for count in arguments.consents.split()]
+    paths: dict[tuple[int, str], list[str]] = {}
+    for count in counts:
+        log(f"[{arguments.label}] loading a cohort of {arguments.patients} patients x "
+            f"{arguments.observations} Observations with {count} Consents each")
+        loaded = load(loader, arguments.patients, arguments.observations)
+        for patient_id, _ in loaded:
+            for number in range(count):
                 status, _ = loader.request("POST", "/Consent", consent(patient_id, number))
                 if status != 201:
                     raise SystemExit(f"creating a Consent failed with {status}")
-        have = max(have, wanted)
-        if arguments.analyze_database_url:
-            # Fresh tables have no statistics yet: without them the planner assumes they are
-            # empty, and the first minute would measure that rather than the server.
-            subprocess.run(["psql", arguments.analyze_database_url, "-X", "-q", "-c", "ANALYZE"],
-                           check=True, env={**os.environ, "PGCONNECT_TIMEOUT": "5"})
-        for kind, paths in (("read", reads), ("search", searches)):
-            result = measure(reader, paths, arguments.clients, arguments.seconds)
-            result.update({"label": arguments.label, "consents": wanted, "kind": kind})
-            failed |= result["errors"] > 0
-            log(f"[{arguments.label}] {wanted:>2} consents {kind:<6} {result['per_second']:8.1f} req/s "
-                f"p50 {result['p50_ms']:6.2f} ms p95 {result['p95_ms']:6.2f} ms errors {result['errors']}")
+        paths[(count, "read")] = [f"/Observation/{oid}" for _, ids in loaded for oid in ids]
+        paths[(count, "search")] = [f"/Observation?subject=Patient/{pid}&_count=10"
+                                    for pid, _ in loaded]
+    if arguments.analyze_database_url:
+        # Fresh tables have no statistics yet: without them the planner assumes they are
+        # empty, and the first minute would measure that rather than the server.
+        subprocess.run(["psql", arguments.analyze_database_url, "-X", "-q", "-c", "ANALYZE"],
+                       check=True, env={**os.environ, "PGCONNECT_TIMEOUT": "5"})
+    slice_seconds = arguments.seconds / arguments.rounds
+    failed = False
+    for kind in ("read", "search"):
+        warm_up = [path for count in counts for path in paths[(count, kind)]]
+        timed_requests(reader, warm_up, arguments.clients, min(2.0, arguments.seconds / 4))
+        gathered = {count: ([], 0) for count in counts}
+        for round_number in range(arguments.rounds):
+            shift = round_number % len(counts)
+            for count in counts[shift:] + counts[:shift]:
+                latencies, errors = timed_requests(
+                    reader, paths[(count, kind)], arguments.clients, slice_seconds)
+                previous_latencies, previous_errors = gathered[count]
+                gathered[count] = (previous_latencies + latencies, previous_errors + errors)
+        for count in counts:
+            latencies, errors = gathered[count]
+            result = summarize(latencies, errors, arguments.seconds)
+            result.update({"label": arguments.label, "consents": count, "kind": kind})
+            failed |= errors > 0
+            log(f"[{arguments.label}] {count:>2} consents {kind:<6} {result['per_second']:8.1f} req/s "
+                f"p50 {result['p50_ms']:6.2f} ms p95 {result['p95_ms']:6.2f} ms errors {errors}")
             with open(arguments.results, "a", encoding="utf-8") as out:
                 out.write(json.dumps(result) + "\n")
     if failed:
@@ -214,12 +244,17 @@ def main() -> None:
 def summary(results: str) -> None:
     rows = [json.loads(line) for line in open(results, encoding="utf-8") if line.strip()]
     base = {(row["label"], row["kind"]): row for row in rows if row["consents"] == 0}
-    print(f"{'run':<22} {'consents':>8} {'kind':<7} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p50 vs 0':>9}")
+    print(f"{'run':<22} {'consents':>8} {'kind':<7} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'p50 vs 0':>9} {'p95 vs 0':>9}")
     for row in rows:
         zero = base.get((row["label"], row["kind"]))
-        change = (row["p50_ms"] / zero["p50_ms"] - 1) * 100 if zero else float("nan")
+
+        def change(key: str) -> float:
+            return (row[key] / zero[key] - 1) * 100 if zero else float("nan")
+
         print(f"{row['label']:<22} {row['consents']:>8} {row['kind']:<7} {row['per_second']:>9.1f} "
-              f"{row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {change:>+8.1f}%")
+              f"{row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {change('p50_ms'):>+8.1f}% "
+              f"{change('p95_ms'):>+8.1f}%")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 //!
 //! Which Consents are current is never cached beyond a request: a [`RequestConsents`] belongs
 //! to one `Permit`, which belongs to one request, so a withdrawal or a new Consent takes effect
-//! on the next request on every node. Only the compilation of an immutable stored version is
-//! kept across requests.
+//! on the next request on every node. Across requests a node keeps only what cannot go stale:
+//! the compilation of an immutable stored version, and a patient's assembled directives keyed by
+//! the exact list of current versions they came from (reused only when the list read for this
+//! request is the same).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,9 @@ use super::{relative_reference, Directive};
 use crate::authz::principal::Principal;
 use crate::crypto::vault::Vault;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{CandidateFilter, CandidateQuery, Scope, Store, VersionRecord};
+use crate::store::{
+    CandidateFilter, CandidateQuery, CompartmentConsents, Scope, Store, VersionRecord,
+};
 
 /// The directives and actor look-ups of one request.
 #[derive(Default)]
@@ -31,14 +35,31 @@ const MAX_ROLES_PER_PRACTITIONER: usize = 200;
 pub struct ConsentSource {
     store: Arc<dyn Store>,
     vault: Arc<Vault>,
-    /// Compiled directives by `(tenant, id, version)`. A stored version never changes, and which
-    /// versions are current is read afresh on every request, so this cache can never make a
-    /// withdrawn or replaced Consent count: it only saves decrypting and compiling again.
-    compiled: moka::sync::Cache<(String, String, i64), Option<Directive>>,
+    /// Compiled directives by `(tenant, compartment, id, version)`. A stored version never
+    /// changes, and which versions are current is read afresh on every request, so this cache
+    /// can never make a withdrawn or replaced Consent count: it only saves decrypting and
+    /// compiling again. The compartment is part of the key because erasure is the one thing
+    /// that lets an `(id, version)` be written again, and a re-created patient gets a new
+    /// compartment (a new random pseudonym).
+    compiled: moka::sync::Cache<(String, String, String, i64), Option<Directive>>,
+    /// A compartment's compiled directives, by `(tenant, compartment)`, with the exact list of
+    /// current versions they were compiled from. Used only when the list just read from the
+    /// database is the same, so it saves rebuilding, never a read of what is current.
+    assembled: moka::sync::Cache<(String, String), Assembled>,
+}
+
+/// The directives of one compartment and the `(id, version)` list they come from.
+#[derive(Clone)]
+struct Assembled {
+    versions: Arc<Vec<(String, i64)>>,
+    directives: Arc<Vec<Directive>>,
 }
 
 /// How many compiled Consent versions a node keeps.
 const COMPILED_CACHE_ENTRIES: u64 = 100_000;
+
+/// How many compartments' assembled directives a node keeps.
+const ASSEMBLED_CACHE_ENTRIES: u64 = 50_000;
 
 impl ConsentSource {
     pub fn new(store: Arc<dyn Store>, vault: Arc<Vault>) -> ConsentSource {
@@ -46,6 +67,7 @@ impl ConsentSource {
             store,
             vault,
             compiled: moka::sync::Cache::new(COMPILED_CACHE_ENTRIES),
+            assembled: moka::sync::Cache::new(ASSEMBLED_CACHE_ENTRIES),
         }
     }
 
@@ -94,35 +116,69 @@ impl ConsentSource {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut loaded: HashMap<String, Vec<Directive>> = missing
+        let mut loaded: HashMap<String, Arc<Vec<Directive>>> = missing
             .iter()
-            .map(|compartment| (compartment.clone(), Vec::new()))
+            .map(|compartment| (compartment.clone(), Arc::default()))
             .collect();
-        for record in self.store.current_consents(scope, &missing).await? {
-            let Some(compartment) = record.compartment.clone() else {
-                continue;
-            };
-            if let Some(directive) = self.compile(scope, &record).await? {
-                loaded.entry(compartment).or_default().push(directive);
-            }
+        for current in self.store.current_consent_versions(scope, &missing).await? {
+            let directives = self.assemble(scope, &current).await?;
+            loaded.insert(current.compartment, directives);
         }
         let mut known = lock(&cache.directives);
-        for (compartment, directives) in loaded {
-            known.insert(compartment, Arc::new(directives));
-        }
+        known.extend(loaded);
         Ok(())
     }
 
-    async fn compile(&self, scope: &Scope, record: &VersionRecord) -> ApiResult<Option<Directive>> {
+    /// The directives of these current versions: those assembled for the same list before, or
+    /// compiled (from cache, else from the stored version) and assembled now.
+    async fn assemble(
+        &self,
+        scope: &Scope,
+        current: &CompartmentConsents,
+    ) -> ApiResult<Arc<Vec<Directive>>> {
+        let key = (scope.tenant().to_string(), current.compartment.clone());
+        if let Some(known) = self.assembled.get(&key) {
+            if *known.versions == current.versions {
+                return Ok(known.directives);
+            }
+        }
+        let mut directives = Vec::with_capacity(current.versions.len());
+        for (id, version) in &current.versions {
+            if let Some(directive) = self
+                .compile(scope, &current.compartment, id, *version)
+                .await?
+            {
+                directives.push(directive);
+            }
+        }
+        let directives = Arc::new(directives);
+        self.assembled.insert(
+            key,
+            Assembled {
+                versions: Arc::new(current.versions.clone()),
+                directives: directives.clone(),
+            },
+        );
+        Ok(directives)
+    }
+
+    async fn compile(
+        &self,
+        scope: &Scope,
+        compartment: &str,
+        id: &str,
+        version: i64,
+    ) -> ApiResult<Option<Directive>> {
         let key = (
             scope.tenant().to_string(),
-            record.id.clone(),
-            record.version,
+            compartment.to_string(),
+            id.to_string(),
+            version,
         );
         if let Some(known) = self.compiled.get(&key) {
             return Ok(known);
         }
-        let directive = self.compile_now(scope, record).await?;
+        let directive = self.compile_now(scope, id, version).await?;
         self.compiled.insert(key, directive.clone());
         Ok(directive)
     }
@@ -130,9 +186,22 @@ impl ConsentSource {
     async fn compile_now(
         &self,
         scope: &Scope,
-        record: &VersionRecord,
+        id: &str,
+        version: i64,
     ) -> ApiResult<Option<Directive>> {
-        let Some(body) = self.vault.open(scope, record).await? else {
+        // Listed as current a moment ago, so gone only if the patient was erased in between.
+        // Fail closed (and cache nothing): this request is refused, the next one sees the
+        // erasure.
+        let Some(record) = self
+            .store
+            .read_version(scope, "Consent", id, version)
+            .await?
+        else {
+            return Err(ApiError::Unavailable(
+                "a Consent of the patient changed while it was being read; retry".into(),
+            ));
+        };
+        let Some(body) = self.vault.open(scope, &record).await? else {
             return Ok(None);
         };
         let consent: Value = serde_json::from_slice(&body)

@@ -1,5 +1,5 @@
 //! Patient consent (R4 `Consent`, scope `patient-privacy`): what a patient's privacy directives
-//! allow, compiled once per request and evaluated per resource without further I/O.
+//! allow, compiled once per stored version and evaluated per resource without further I/O.
 //!
 //! - [`Directive::compile`] turns a stored Consent into a provision tree; [`validate`] is the
 //!   stricter check a Consent must pass to be written (422 otherwise).

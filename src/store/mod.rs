@@ -198,6 +198,14 @@ pub struct StoredDataKey {
     pub wrapped: Vec<u8>,
 }
 
+/// The current Consent versions of one patient compartment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompartmentConsents {
+    pub compartment: String,
+    /// `(resource id, version)`, sorted.
+    pub versions: Vec<(String, i64)>,
+}
+
 /// One stored version, as read back.
 #[derive(Debug, Clone)]
 pub struct VersionRecord {
@@ -630,16 +638,18 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<VersionRecord>>;
 
-    /// The current, not deleted Consents in these patient compartments (the consent check
-    /// reads them on every request that touches a compartment, so this is one indexed query).
+    /// Which Consent versions are current (not deleted) in each of these patient compartments:
+    /// the consent check asks on every request that touches a compartment, so this is one
+    /// indexed query returning one row per compartment, without the bodies (those are read,
+    /// with [`Store::read_version`], only for versions not compiled yet).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
-    async fn current_consents(
+    async fn current_consent_versions(
         &self,
         scope: &Scope,
         compartments: &[String],
-    ) -> StoreResult<Vec<VersionRecord>>;
+    ) -> StoreResult<Vec<CompartmentConsents>>;
 
     /// Opens `session` unless the same token already opened one; returns the session in force
     /// for the token (the new one or the earlier one, whose time box is not extended).

@@ -19,10 +19,10 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
-    Checkpoint, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected, ExportChunk,
-    ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold, RangeBounds, Scope, Store,
-    StoreError, StoreResult, StoredAudit, StoredDataKey, Tombstone, VersionRecord, VersionWrite,
-    WriteMethod,
+    Checkpoint, CompartmentConsents, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected,
+    ExportChunk, ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold, RangeBounds, Scope,
+    Store, StoreError, StoreResult, StoredAudit, StoredDataKey, Tombstone, VersionRecord,
+    VersionWrite, WriteMethod,
 };
 
 mod erasure;
@@ -861,31 +861,45 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn current_consents(
+    async fn current_consent_versions(
         &self,
         scope: &Scope,
         compartments: &[String],
-    ) -> StoreResult<Vec<VersionRecord>> {
-        let mut records = Vec::new();
+    ) -> StoreResult<Vec<CompartmentConsents>> {
+        // One row per compartment, its versions folded into one text ("id version,id
+        // version"): on SQLite every row returned is a hand-off between threads, and this runs
+        // on every request that touches a patient.
+        let fold = match self.backend {
+            Backend::Sqlite => "group_concat",
+            Backend::Postgres => "string_agg",
+        };
+        let mut found = Vec::new();
         for chunk in compartments.chunks(MAX_LIST_BINDS) {
             let list = placeholders(2, chunk.len());
             // The type is a literal so that the partial index (0006_consent.sql) applies.
             let statement = format!(
-                "SELECT {VERSION_COLUMNS} FROM resource_versions v \
+                "SELECT v.compartment, {fold}(v.resource_id || ' ' || CAST(v.version_id AS TEXT), ',') \
+                 FROM resource_versions v \
                  JOIN resource_heads h ON h.tenant = v.tenant AND h.resource_type = v.resource_type \
                   AND h.resource_id = v.resource_id AND h.version_id = v.version_id \
                  WHERE v.tenant = $1 AND v.resource_type = 'Consent' AND v.compartment IN ({list}) \
-                  AND h.deleted = 0"
+                  AND h.deleted = 0 \
+                 GROUP BY v.compartment"
             );
             let mut sql = sqlx::query(&statement).bind(scope.tenant());
             for compartment in chunk {
                 sql = sql.bind(compartment.as_str());
             }
             for row in &sql.fetch_all(&self.pool).await.map_err(classify)? {
-                records.push(decode(row)?);
+                let compartment: String = row.try_get(0).map_err(classify)?;
+                let folded: String = row.try_get(1).map_err(classify)?;
+                found.push(CompartmentConsents {
+                    compartment,
+                    versions: unfold_versions(&folded)?,
+                });
             }
         }
-        Ok(records)
+        Ok(found)
     }
 
     async fn open_break_glass(
@@ -1270,6 +1284,25 @@ fn decode_break_glass(row: &AnyRow) -> StoreResult<BreakGlassSession> {
         expires_us: row.try_get(7).map_err(internal)?,
         reason: row.try_get(8).map_err(internal)?,
     })
+}
+
+/// The `(id, version)` pairs of a folded "id version,id version" list, sorted. Resource ids
+/// hold neither spaces nor commas (FHIR ids are `[A-Za-z0-9\-\.]{1,64}`); anything else is a
+/// corrupt row and an error, never an empty list.
+fn unfold_versions(folded: &str) -> StoreResult<Vec<(String, i64)>> {
+    let mut versions = folded
+        .split(',')
+        .map(|pair| {
+            pair.split_once(' ')
+                .and_then(|(id, version)| Some((id.to_string(), version.parse::<i64>().ok()?)))
+                .filter(|(id, _)| !id.is_empty())
+                .ok_or_else(|| {
+                    StoreError::Internal("a folded Consent version list is corrupt".into())
+                })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    versions.sort();
+    Ok(versions)
 }
 
 fn placeholders(first: usize, count: usize) -> String {
@@ -1662,4 +1695,29 @@ fn decode_checkpoint(row: &AnyRow) -> StoreResult<Checkpoint> {
         key_id: row.try_get("key_id").map_err(get_error)?,
         signature: row.try_get("signature").map_err(get_error)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unfold_versions;
+
+    #[test]
+    fn folded_consent_versions_unfold_sorted() {
+        assert_eq!(
+            unfold_versions("b-2 3,a.1 12,b-2 1").unwrap(),
+            vec![
+                ("a.1".to_string(), 12),
+                ("b-2".to_string(), 1),
+                ("b-2".to_string(), 3)
+            ]
+        );
+        assert_eq!(unfold_versions("x 1").unwrap(), vec![("x".to_string(), 1)]);
+    }
+
+    #[test]
+    fn corrupt_folded_consent_versions_are_an_error_not_an_empty_list() {
+        for corrupt in ["", "x", "x one", " 1", "x 1,", "x 1,,y 2"] {
+            assert!(unfold_versions(corrupt).is_err(), "{corrupt:?}");
+        }
+    }
 }

@@ -898,3 +898,62 @@ mod opt_in {
         }
     }
 }
+
+/// Erasure is the one thing that lets a Consent's `(id, version)` be written again: a patient
+/// erased and re-created under the same ids, with a Consent of the same id and version that now
+/// denies, must be judged by the new directive. A cache keyed by id and version alone would keep
+/// serving the erased patient's permit (and fail open).
+async fn consent_caches_do_not_outlive_erasure(app: TestApp) {
+    let doc = app.token(practitioner("doc"));
+    let officer = app.token(compliance_officer_who_erases());
+    let lab = "Observation/reborn-lab";
+    for round in ["permit", "deny"] {
+        let patient = json!({"resourceType": "Patient", "id": "reborn",
+            "generalPractitioner": [{"reference": "Practitioner/doc"}]});
+        assert_eq!(
+            app.put("Patient/reborn", &patient).await.status(),
+            201,
+            "{round}"
+        );
+        let observation = json!({"resourceType": "Observation", "id": "reborn-lab",
+            "status": "final", "code": {"text": "lab"},
+            "subject": {"reference": "Patient/reborn"}});
+        assert_eq!(app.put(lab, &observation).await.status(), 201, "{round}");
+        let world = World {
+            patient: "reborn".into(),
+            resources: Vec::new(),
+        };
+        let mut directive = consent(
+            &world,
+            json!({"type": round, "actor": [actor("Practitioner/doc")]}),
+        );
+        directive["id"] = json!("reborn-consent");
+        let response = app.put("Consent/reborn-consent", &directive).await;
+        assert_eq!(
+            response.status(),
+            201,
+            "{round}: the Consent is version 1 again"
+        );
+        let expected = if round == "permit" { 200 } else { 404 };
+        assert_eq!(
+            call(&app, &doc, "GET", lab, None, None).await.0,
+            expected,
+            "{round}"
+        );
+        let (status, receipt) =
+            call(&app, &officer, "POST", "Patient/reborn/$erase", None, None).await;
+        assert_eq!(status, 200, "{round}: {receipt}");
+    }
+}
+both_backends!(
+    caches_and_erasure,
+    super::consent_caches_do_not_outlive_erasure
+);
+
+fn compliance_officer_who_erases() -> DevTokenRequest {
+    token_request(
+        "eraser",
+        "compliance-officer",
+        "user/AuditEvent.rs user/Patient.d",
+    )
+}
