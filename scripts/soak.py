@@ -176,6 +176,18 @@ class ServerProcess:
             return None
         return int(fields["VmRSS"].split()[0]) / 1024
 
+    def rss_parts_mib(self) -> dict[str, float]:
+        """VmRSS split as the kernel counts it: RssAnon (the heap: Custodian's own memory,
+        SQLite's page cache and statement caches, the allocator's free lists), RssFile (mapped
+        files: the binary and libraries) and RssShmem (shared mappings: SQLite's WAL index)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return {}
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {name: int(fields[name].split()[0]) / 1024
+                for name in ("RssAnon", "RssFile", "RssShmem") if name in fields}
+
 
 class RssSampler(threading.Thread):
     """Samples the server's RSS every `every` seconds until stopped; sets `died` (and the soak's
@@ -185,6 +197,7 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.every, self.stop = server, every, stop
         self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+        self.parts: list[dict[str, float]] = []  # RssAnon/RssFile/RssShmem of each sample
         self.died = False
         self.finished = threading.Event()
         self.started_at = time.monotonic()
@@ -198,6 +211,7 @@ class RssSampler(threading.Thread):
             self.stop.set()
         else:
             self.samples.append((time.monotonic() - self.started_at, rss))
+            self.parts.append(self.server.rss_parts_mib())
 
     def run(self) -> None:
         next_at = self.started_at
@@ -686,6 +700,11 @@ def report(arguments, loaded: int, load_secs: float, rss_after_load: float | Non
           f"calibration) {ms(start)}; end {ms(end)}; max {ms(peak)}")
     slope_text = "-" if slope is None else f"{slope:+.3f} MiB/min"
     print(f"RSS slope over the second half ({len(second_half)} samples): {slope_text} (goal: flat)")
+    if rss.parts:
+        first_parts, last_parts = rss.parts[0], rss.parts[-1]
+        print("RSS parts (MiB), start -> end: " + ", ".join(
+            f"{name} {ms(first_parts.get(name))} -> {ms(last_parts.get(name))}"
+            for name in ("RssAnon", "RssFile", "RssShmem")))
     print(f"RSS series (s: MiB), every {arguments.sample_secs:.0f} s:")
     for row in range(0, len(samples), 6):
         print("  " + " | ".join(f"{t:5.0f}: {m:7.1f}" for t, m in samples[row:row + 6]))
@@ -710,6 +729,8 @@ def report(arguments, loaded: int, load_secs: float, rss_after_load: float | Non
         "types": {name: type_record(stats.types[name]) for name in REQUEST_TYPES},
         "rss_after_load_mib": rss_after_load, "rss_start_mib": start, "rss_end_mib": end, "rss_max_mib": peak,
         "rss_second_half_slope_mib_per_min": slope, "rss_series": samples,
+        "rss_parts_start_mib": rss.parts[0] if rss.parts else None,
+        "rss_parts_end_mib": rss.parts[-1] if rss.parts else None,
     }
 
 
