@@ -436,7 +436,7 @@ async fn transaction(
     }
 
     // Rewrite references, resolving conditional ones.
-    let mut prepared = entries.clone();
+    let mut prepared = entries;
     for entry in &mut prepared {
         if let Some(mut resource) = entry.resource.take() {
             let mut conditional_references = Vec::new();
@@ -478,7 +478,14 @@ async fn transaction(
     // The writes, in processing order, collected into one database transaction.
     let mut order: Vec<&Entry> = prepared.iter().collect();
     order.sort_by_key(|entry| (entry.verb, entry.index));
+    let scope = crate::store::Scope::system(&app.settings.tenant);
+    let updated: Vec<(String, String)> = order
+        .iter()
+        .filter(|entry| entry.verb == Verb::Put && !existing.contains_key(&entry.index))
+        .filter_map(|entry| Some((entry.resource_type.clone(), targets[entry.index].clone()?)))
+        .collect();
     let (results, writes) = write::collecting(async {
+        write::prefetch_current(app, &scope, updated).await?;
         let mut outcomes: HashMap<usize, Outcome> = HashMap::new();
         for entry in order.iter().filter(|entry| entry.verb < Verb::Get) {
             let outcome = match existing.get(&entry.index) {
@@ -529,8 +536,7 @@ async fn transaction(
         .into_iter()
         .collect();
     let committed_own_record = !own_record.is_empty();
-    // Every collected write was decided by a permit of this server's tenant.
-    let scope = crate::store::Scope::system(&app.settings.tenant);
+    // Every collected write was decided by a permit of this server's tenant (`scope`).
     if !writes.is_empty() {
         match app.store.write_many(&scope, writes, own_record).await {
             Ok(_) => {
@@ -674,17 +680,26 @@ async fn perform_write(
                 Err(other) => Err(other),
             }
         }
-        Verb::Post | Verb::Put => {
+        Verb::Post => {
+            // The target of a POST entry is an id this server just assigned (a conditional
+            // create that matched was answered without a write).
+            let id = target.ok_or_else(|| ApiError::Internal("no target id".into()))?;
+            let resource = entry.resource.clone().unwrap_or_default();
+            let permit = app
+                .decide(principal, Interaction::Create, Some(&entry.resource_type))
+                .await?;
+            let record = write::create_as(app, &permit, &entry.resource_type, id, resource).await?;
+            Ok(Outcome::Written {
+                record,
+                created: true,
+            })
+        }
+        Verb::Put => {
             let id = target.ok_or_else(|| ApiError::Internal("no target id".into()))?;
             let mut resource = entry.resource.clone().unwrap_or_default();
             resource.insert("id".into(), Value::String(id.to_string()));
-            let (interaction, method) = if entry.verb == Verb::Post {
-                (Interaction::Create, WriteMethod::Post)
-            } else {
-                (Interaction::Update, WriteMethod::Put)
-            };
             let permit = app
-                .decide(principal, interaction, Some(&entry.resource_type))
+                .decide(principal, Interaction::Update, Some(&entry.resource_type))
                 .await?;
             let written = write::put_version(
                 app,
@@ -693,7 +708,7 @@ async fn perform_write(
                 id,
                 resource,
                 entry.if_match,
-                method,
+                WriteMethod::Put,
             )
             .await?;
             Ok(Outcome::Written {

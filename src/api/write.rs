@@ -1,11 +1,14 @@
 //! The write path shared by create, update and delete: stamp the server's `id` and `meta`, find
 //! the patient compartment, and commit the version with optimistic concurrency.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use serde_json::{Map, Value};
 
 use crate::api::App;
 use crate::authz::decision::{Interaction, Permit, ResourceFacts};
+use crate::crypto::vault::CompartmentKey;
 use crate::error::{ApiError, ApiResult};
 use crate::fhir::bundle::instant;
 use crate::store::{
@@ -75,6 +78,7 @@ pub async fn put_version(
     method: WriteMethod,
 ) -> ApiResult<Written> {
     let scope = permit.scope();
+    let resource = Value::Object(resource);
     let compartment = compartment_of(app, scope, resource_type, id, &resource).await?;
     check_writable(
         app,
@@ -85,7 +89,10 @@ pub async fn put_version(
     )
     .await?;
     for _ in 0..MAX_WRITE_ATTEMPTS {
-        let current = app.store.read_current(scope, resource_type, id).await?;
+        let current = match prefetched(scope, resource_type, id) {
+            Some(current) => current,
+            None => app.store.read_current(scope, resource_type, id).await?,
+        };
         match &current {
             Some(current) => {
                 if app.open_visible(permit, current.clone()).await?.is_none() {
@@ -112,7 +119,8 @@ pub async fn put_version(
         }
         let (expected, version) = expectation(current.as_ref(), if_match)?;
         let last_updated = Utc::now();
-        let stamped = stamp(resource.clone(), id, version, last_updated);
+        let fields = resource.as_object().cloned().unwrap_or_default();
+        let stamped = stamp(fields, id, version, last_updated);
         let body = serialize(&stamped)?;
         let target = Target {
             resource_type,
@@ -214,23 +222,43 @@ pub async fn create_new(
     resource_type: &str,
     resource: Map<String, Value>,
 ) -> ApiResult<VersionRecord> {
-    let scope = permit.scope();
     let id = uuid::Uuid::new_v4().to_string();
+    create_as(app, permit, resource_type, &id, resource).await
+}
+
+/// Creates `resource_type/id`, an id the server just assigned (a random UUID, as
+/// [`create_new`] and a transaction's POST entries make): no current version is read, and the
+/// head insert still refuses an id that exists (409).
+///
+/// # Errors
+/// As [`create_new`].
+pub async fn create_as(
+    app: &App,
+    permit: &Permit,
+    resource_type: &str,
+    id: &str,
+    resource: Map<String, Value>,
+) -> ApiResult<VersionRecord> {
+    let scope = permit.scope();
     let last_updated = Utc::now();
-    let compartment = compartment_of(app, scope, resource_type, &id, &resource).await?;
+    let resource = Value::Object(resource);
+    let compartment = compartment_of(app, scope, resource_type, id, &resource).await?;
     check_writable(
         app,
         permit,
-        (resource_type, id.as_str()),
+        (resource_type, id),
         compartment.as_deref(),
         &resource,
     )
     .await?;
-    let stamped = stamp(resource, &id, 1, last_updated);
+    let Value::Object(fields) = resource else {
+        unreachable!("wrapped as an object above")
+    };
+    let stamped = stamp(fields, id, 1, last_updated);
     let body = serialize(&stamped)?;
     let target = Target {
         resource_type,
-        id: &id,
+        id,
         version: 1,
         expected: Expected::Absent,
         method: WriteMethod::Post,
@@ -238,7 +266,11 @@ pub async fn create_new(
     };
     let mut write = sealed_write(app, scope, target, compartment, &stamped, &body).await?;
     write.audit = write_audit(app, &write, 201);
-    let mut record = app.store.write(scope, write).await?;
+    let Some(mut record) = commit(app, scope, write, None).await? else {
+        return Err(ApiError::Conflict(
+            "a resource with the assigned id exists; retry".into(),
+        ));
+    };
     mark_audited(&record);
     record.body = Some(body);
     Ok(record)
@@ -251,12 +283,11 @@ async fn check_writable(
     permit: &Permit,
     (resource_type, id): (&str, &str),
     compartment: Option<&str>,
-    resource: &Map<String, Value>,
+    resource: &Value,
 ) -> ApiResult<()> {
-    let resource = Value::Object(resource.clone());
     if resource_type == "Consent" {
         // A directive that decides access must say exactly what it means (422 otherwise).
-        let problems = crate::consent::validate(&resource);
+        let problems = crate::consent::validate(resource);
         if !problems.is_empty() {
             return Err(ApiError::Unprocessable(problems.join("; ")));
         }
@@ -265,7 +296,7 @@ async fn check_writable(
         resource_type,
         id: Some(id),
         compartment,
-        resource: Some(&resource),
+        resource: Some(resource),
     };
     if app.decider.writable(permit, &facts).await? {
         Ok(())
@@ -286,23 +317,55 @@ struct Target<'a> {
     last_updated: chrono::DateTime<Utc>,
 }
 
-/// The pseudonym of the patient compartment `resource` belongs to, if any.
+/// The pseudonym of the patient compartment `resource` belongs to, if any. Inside a
+/// transaction bundle each patient's pseudonym is looked up once.
 async fn compartment_of(
     app: &App,
     scope: &Scope,
     resource_type: &str,
     id: &str,
-    resource: &Map<String, Value>,
+    resource: &Value,
 ) -> ApiResult<Option<String>> {
-    let patient = app
-        .compartment
-        .patient_of(resource_type, id, &Value::Object(resource.clone()));
-    match patient {
-        Some(patient_id) => Ok(Some(
-            app.store.compartment_pseudonym(scope, &patient_id).await?,
-        )),
-        None => Ok(None),
+    let Some(patient_id) = app.compartment.patient_of(resource_type, id, resource) else {
+        return Ok(None);
+    };
+    let memo_key = (scope.tenant().to_string(), patient_id);
+    let remembered = COLLECTED
+        .try_with(|collected| collected.borrow().pseudonyms.get(&memo_key).cloned())
+        .ok()
+        .flatten();
+    if let Some(pseudonym) = remembered {
+        return Ok(Some(pseudonym));
     }
+    let pseudonym = app.store.compartment_pseudonym(scope, &memo_key.1).await?;
+    let _outside_a_bundle = COLLECTED.try_with(|collected| {
+        collected
+            .borrow_mut()
+            .pseudonyms
+            .insert(memo_key, pseudonym.clone())
+    });
+    Ok(Some(pseudonym))
+}
+
+/// The data key of `compartment`; inside a transaction bundle looked up once per compartment
+/// (the bundle's commit locks every key it used, so an erasure in between fails the bundle).
+async fn compartment_key(
+    app: &App,
+    scope: &Scope,
+    compartment: Option<&str>,
+) -> ApiResult<CompartmentKey> {
+    let memo_key = (scope.tenant().to_string(), compartment.map(str::to_string));
+    let remembered = COLLECTED
+        .try_with(|collected| collected.borrow().keys.get(&memo_key).cloned())
+        .ok()
+        .flatten();
+    if let Some(key) = remembered {
+        return Ok(key);
+    }
+    let key = app.vault.compartment_key(scope, compartment).await?;
+    let _outside_a_bundle =
+        COLLECTED.try_with(|collected| collected.borrow_mut().keys.insert(memo_key, key.clone()));
+    Ok(key)
 }
 
 /// A version write whose body is sealed under its compartment's data key.
@@ -320,9 +383,11 @@ async fn sealed_write(
         .search
         .index_rows(scope, target.resource_type, resource)
         .await?;
+    let key = compartment_key(app, scope, compartment.as_deref()).await?;
     let sealed = app
         .vault
-        .seal(
+        .seal_with(
+            &key,
             scope,
             compartment.as_deref(),
             target.resource_type,
@@ -370,9 +435,72 @@ fn mark_audited(record: &VersionRecord) {
     });
 }
 
+/// What a transaction bundle being processed in this task has gathered.
+#[derive(Default)]
+struct Collected {
+    /// Its writes, committed together at the end.
+    writes: Vec<VersionWrite>,
+    /// (tenant, patient id) → compartment pseudonym.
+    pseudonyms: HashMap<(String, String), String>,
+    /// (tenant, type, id) → the current version read ahead for an update entry (`None`: the
+    /// resource does not exist); taken by the entry's write.
+    current: HashMap<(String, String, String), Option<VersionRecord>>,
+    /// (tenant, compartment) → data key.
+    keys: HashMap<(String, Option<String>), CompartmentKey>,
+}
+
+/// Reads the current versions of `targets` (type, id) ahead of a transaction bundle's writes:
+/// one statement per type instead of one per entry. Each write takes its own, once; a write
+/// that has to try again reads afresh.
+///
+/// # Errors
+/// 503 when the database is down.
+pub async fn prefetch_current(
+    app: &App,
+    scope: &Scope,
+    targets: Vec<(String, String)>,
+) -> ApiResult<()> {
+    let mut by_type: HashMap<String, Vec<String>> = HashMap::new();
+    for (resource_type, id) in targets {
+        by_type.entry(resource_type).or_default().push(id);
+    }
+    for (resource_type, ids) in by_type {
+        let mut found: HashMap<String, VersionRecord> = app
+            .store
+            .read_current_many(scope, &resource_type, &ids)
+            .await?
+            .into_iter()
+            .map(|record| (record.id.clone(), record))
+            .collect();
+        COLLECTED.with(|collected| {
+            let mut collected = collected.borrow_mut();
+            for id in ids {
+                let current = found.remove(&id);
+                let key = (scope.tenant().to_string(), resource_type.clone(), id);
+                collected.current.insert(key, current);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The current version of `resource_type/id` read ahead by [`prefetch_current`], if it was
+/// (taken: only the first attempt of a write uses it).
+fn prefetched(scope: &Scope, resource_type: &str, id: &str) -> Option<Option<VersionRecord>> {
+    let key = (
+        scope.tenant().to_string(),
+        resource_type.to_string(),
+        id.to_string(),
+    );
+    COLLECTED
+        .try_with(|collected| collected.borrow_mut().current.remove(&key))
+        .ok()
+        .flatten()
+}
+
 tokio::task_local! {
-    /// The writes of the transaction bundle being processed in this task.
-    static COLLECTED: std::cell::RefCell<Vec<VersionWrite>>;
+    /// The transaction bundle being processed in this task.
+    static COLLECTED: std::cell::RefCell<Collected>;
     /// The conditional-create claim of the write being made in this task.
     static CLAIM: Option<String>;
 }
@@ -411,9 +539,10 @@ pub async fn claim_key(
 /// transaction bundle commits them together with [`crate::store::Store::write_many`].
 pub async fn collecting<T>(work: impl std::future::Future<Output = T>) -> (T, Vec<VersionWrite>) {
     COLLECTED
-        .scope(std::cell::RefCell::new(Vec::new()), async {
+        .scope(std::cell::RefCell::new(Collected::default()), async {
             let output = work.await;
-            let writes = COLLECTED.with(|collected| collected.take());
+            let writes =
+                COLLECTED.with(|collected| std::mem::take(&mut collected.borrow_mut().writes));
             (output, writes)
         })
         .await
@@ -446,7 +575,7 @@ async fn commit(
     // Inside a transaction bundle the write joins the bundle's one database transaction.
     if COLLECTED.try_with(|_| ()).is_ok() {
         let record = provisional_record(&write);
-        COLLECTED.with(|collected| collected.borrow_mut().push(write));
+        COLLECTED.with(|collected| collected.borrow_mut().writes.push(write));
         return Ok(Some(record));
     }
     match (app.store.write(scope, write).await, if_match) {

@@ -31,6 +31,14 @@ pub struct Vault {
     timeout: Duration,
 }
 
+/// A compartment's data key, as [`Vault::compartment_key`] found it (the key bytes stay inside
+/// the crypto module).
+#[derive(Clone)]
+pub struct CompartmentKey {
+    key_id: String,
+    key: Arc<DataKey>,
+}
+
 /// A body sealed for one row.
 pub struct Sealed {
     pub key_id: String,
@@ -87,7 +95,36 @@ impl Vault {
         version: i64,
         plaintext: &[u8],
     ) -> VaultResult<Sealed> {
-        let (key_id, key) = self.compartment_key(scope, compartment).await?;
+        let key = self.compartment_key(scope, compartment).await?;
+        self.seal_with(
+            &key,
+            scope,
+            compartment,
+            resource_type,
+            id,
+            version,
+            plaintext,
+        )
+        .await
+    }
+
+    /// Seals like [`Vault::seal`] under a key already found with [`Vault::compartment_key`]
+    /// for the same scope and compartment (a transaction bundle looks a compartment's key up
+    /// once for all its writes).
+    ///
+    /// # Errors
+    /// As [`Vault::seal`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn seal_with(
+        &self,
+        key: &CompartmentKey,
+        scope: &Scope,
+        compartment: Option<&str>,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+        plaintext: &[u8],
+    ) -> VaultResult<Sealed> {
         let binding = RecordBinding {
             tenant: scope.tenant(),
             resource_type,
@@ -96,15 +133,21 @@ impl Vault {
             compartment,
         };
         let ciphertext = if plaintext.len() < OFFLOAD_BYTES {
-            envelope::seal(&key, &binding, plaintext)?
+            envelope::seal(&key.key, &binding, plaintext)?
         } else {
             let owned = OwnedBinding::of(&binding);
             let plaintext = plaintext.to_vec();
-            tokio::task::spawn_blocking(move || envelope::seal(&key, &owned.borrow(), &plaintext))
-                .await
-                .map_err(|_| CryptoError::Internal("sealing task failed".into()))??
+            let data_key = key.key.clone();
+            tokio::task::spawn_blocking(move || {
+                envelope::seal(&data_key, &owned.borrow(), &plaintext)
+            })
+            .await
+            .map_err(|_| CryptoError::Internal("sealing task failed".into()))??
         };
-        Ok(Sealed { key_id, ciphertext })
+        Ok(Sealed {
+            key_id: key.key_id.clone(),
+            ciphertext,
+        })
     }
 
     /// The JSON of a stored version (`None` for a deletion).
@@ -155,7 +198,7 @@ impl Vault {
     /// # Errors
     /// 503-class when the provider or the database is unavailable.
     pub async fn derived_key(&self, scope: &Scope, purpose: &str) -> VaultResult<DataKey> {
-        let (_, key) = self.compartment_key(scope, None).await?;
+        let key = self.compartment_key(scope, None).await?.key;
         let mut derived = zeroize::Zeroizing::new([0u8; 32]);
         hkdf::Hkdf::<sha2::Sha256>::new(None, key.as_slice())
             .expand(purpose.as_bytes(), derived.as_mut_slice())
@@ -164,14 +207,21 @@ impl Vault {
     }
 
     /// The data key of a compartment (or the tenant), made on first use.
-    async fn compartment_key(
+    /// The data key of `compartment` (the tenant's own key for `None`), created on first use.
+    ///
+    /// # Errors
+    /// 503-class when the provider or the database is unavailable.
+    pub async fn compartment_key(
         &self,
         scope: &Scope,
         compartment: Option<&str>,
-    ) -> VaultResult<(String, Arc<DataKey>)> {
+    ) -> VaultResult<CompartmentKey> {
         if let Some(stored) = self.store.find_data_key(scope, compartment).await? {
             let key = self.unwrap_cached(&stored).await?;
-            return Ok((stored.key_id, key));
+            return Ok(CompartmentKey {
+                key_id: stored.key_id,
+                key,
+            });
         }
         let key_id = uuid::Uuid::new_v4().to_string();
         let context = KeyContext {
@@ -192,7 +242,7 @@ impl Vault {
         if self.store.insert_data_key(&stored).await? {
             let key = Arc::new(key);
             self.cache.insert(key_id.clone(), key.clone());
-            return Ok((key_id, key));
+            return Ok(CompartmentKey { key_id, key });
         }
         // A concurrent request made the compartment's key first: use that one.
         let winner = self
@@ -201,7 +251,10 @@ impl Vault {
             .await?
             .ok_or_else(|| CryptoError::Internal("data key vanished after a conflict".into()))?;
         let key = self.unwrap_cached(&winner).await?;
-        Ok((winner.key_id, key))
+        Ok(CompartmentKey {
+            key_id: winner.key_id,
+            key,
+        })
     }
 
     async fn key_by_id(&self, scope: &Scope, key_id: &str) -> VaultResult<Arc<DataKey>> {

@@ -490,7 +490,7 @@ pub trait Store: Send + Sync + 'static {
         scope: &Scope,
         writes: Vec<VersionWrite>,
         audit: Vec<AuditEntry>,
-    ) -> StoreResult<Vec<VersionRecord>>;
+    ) -> StoreResult<()>;
 
     /// Versions newest first, one page.
     ///

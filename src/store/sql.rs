@@ -144,7 +144,7 @@ impl SqlStore {
         scope: &Scope,
         writes: Vec<VersionWrite>,
         audit: Vec<AuditEntry>,
-    ) -> StoreResult<Vec<VersionRecord>> {
+    ) -> StoreResult<()> {
         let mut transaction = self.begin().await?;
         let key_ids: Vec<&str> = writes
             .iter()
@@ -152,24 +152,19 @@ impl SqlStore {
             .collect();
         self.lock_data_keys(&mut transaction, scope.tenant(), &key_ids)
             .await?;
-        let mut records = Vec::with_capacity(writes.len());
         // The entries' audit records, then the bundle's own, in one multi-row insert.
-        let mut entries_audit = Vec::with_capacity(writes.len() + audit.len());
-        for mut write in writes {
-            entries_audit.extend(write.audit.take());
-            records.push(write_in(&mut transaction, scope, write).await?);
-        }
-        entries_audit.extend(audit);
-        let audit = entries_audit;
-        if !audit.is_empty() {
-            append_audit_in(&mut transaction, &audit)
+        let mut all_audit = Vec::with_capacity(writes.len() + audit.len());
+        write_all_in(&mut transaction, scope, writes, &mut all_audit).await?;
+        all_audit.extend(audit);
+        if !all_audit.is_empty() {
+            append_audit_in(&mut transaction, &all_audit)
                 .await
                 .map_err(|error| {
                     StoreError::Unavailable(format!("audit append failed: {error}"))
                 })?;
         }
         transaction.commit().await.map_err(classify)?;
-        Ok(records)
+        Ok(())
     }
 
     async fn append_audit_now(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
@@ -498,7 +493,7 @@ impl Store for SqlStore {
         scope: &Scope,
         writes: Vec<VersionWrite>,
         audit: Vec<AuditEntry>,
-    ) -> StoreResult<Vec<VersionRecord>> {
+    ) -> StoreResult<()> {
         let (store, scope) = (self.clone(), scope.clone());
         detached(async move { store.write_many_now(&scope, writes, audit).await }).await
     }
@@ -1163,55 +1158,17 @@ async fn write_in(
     write: VersionWrite,
 ) -> StoreResult<VersionRecord> {
     let deleted = i64::from(write.body.is_none());
-    // The head decides the race: a conditional insert or update that touches no row means
-    // another writer moved it first.
-    let head = match write.expected {
-        Expected::Absent => sqlx::query(
-            "INSERT INTO resource_heads (tenant, resource_type, resource_id, version_id, deleted) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(scope.tenant())
-        .bind(&write.resource_type)
-        .bind(&write.id)
-        .bind(write.version)
-        .bind(deleted),
-        Expected::Version(current) => sqlx::query(
-            "UPDATE resource_heads SET version_id = $4, deleted = $5 \
-                 WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
-        )
-        .bind(scope.tenant())
-        .bind(&write.resource_type)
-        .bind(&write.id)
-        .bind(write.version)
-        .bind(deleted)
-        .bind(current),
-    };
-    let moved = head.execute(&mut **transaction).await.map_err(classify)?;
-    if moved.rows_affected() != 1 {
-        return Err(StoreError::VersionConflict);
-    }
-    if let Some(claim) = &write.claim {
-        // Taken unless another live claim holds the key (see 0005_conditional_claims.sql).
-        let now = micros(write.last_updated);
-        let claimed = sqlx::query(
-            "INSERT INTO conditional_claims (tenant, claim_key, created_us) VALUES ($1, $2, $3) \
-             ON CONFLICT (tenant, claim_key) DO UPDATE SET created_us = excluded.created_us \
-             WHERE conditional_claims.created_us < $4",
-        )
-        .bind(scope.tenant())
-        .bind(claim)
-        .bind(now)
-        .bind(now - super::CLAIM_LIFETIME_MICROS)
-        .execute(&mut **transaction)
-        .await
-        .map_err(classify)?;
-        if claimed.rows_affected() != 1 {
-            return Err(StoreError::VersionConflict);
+    match write.expected {
+        Expected::Absent => {
+            let head = vec![head_row(scope, &write)];
+            if insert_rows(transaction, HEADS, head, ABSENT_ONLY).await? != 1 {
+                return Err(StoreError::VersionConflict);
+            }
         }
+        Expected::Version(current) => advance_head_in(transaction, scope, &write, current).await?,
     }
-
+    claim_in(transaction, scope, &write).await?;
     let compartment = write.compartment;
-
     let inserted = sqlx::query(
         "INSERT INTO resource_versions (tenant, resource_type, resource_id, version_id, method, \
                last_updated_us, deleted, compartment, key_id, body) \
@@ -1234,15 +1191,13 @@ async fn write_in(
         .try_get("sequence")
         .map_err(|error| StoreError::Internal(error.to_string()))?;
     // A resource that had no head has no index rows to replace.
-    let fresh = matches!(write.expected, Expected::Absent);
-    replace_index_in(
-        transaction,
-        scope,
-        (&write.resource_type, &write.id),
-        &write.index,
-        fresh,
-    )
-    .await?;
+    let target = (write.resource_type.as_str(), write.id.as_str());
+    if !matches!(write.expected, Expected::Absent) {
+        delete_index_in(transaction, scope, target).await?;
+    }
+    let mut index = IndexInserts::default();
+    index.add(scope, target, write.index);
+    index.insert_in(transaction).await?;
     if let Some(audit) = &write.audit {
         // The audit record commits with the data, or neither does; a write that cannot be
         // audited is answered like an unavailable database (503), never written.
@@ -1263,6 +1218,137 @@ async fn write_in(
         compartment,
         key_id: write.key_id,
     })
+}
+
+/// The head table and its columns, for [`head_row`]s.
+const HEADS: &str = "resource_heads (tenant, resource_type, resource_id, version_id, deleted)";
+/// A new head is inserted only where none exists: a conflict means another writer created the
+/// resource first, and the insert reports fewer rows than it was given.
+const ABSENT_ONLY: &str = " ON CONFLICT DO NOTHING";
+
+/// The head row a write of a resource that had none inserts.
+fn head_row(scope: &Scope, write: &VersionWrite) -> Vec<Bind> {
+    vec![
+        Bind::Text(scope.tenant().to_string()),
+        Bind::Text(write.resource_type.clone()),
+        Bind::Text(write.id.clone()),
+        Bind::Integer(write.version),
+        Bind::Integer(i64::from(write.body.is_none())),
+    ]
+}
+
+/// The version row of a write (the body moves into the statement).
+fn version_row(scope: &Scope, write: &mut VersionWrite) -> Vec<Bind> {
+    vec![
+        Bind::Text(scope.tenant().to_string()),
+        Bind::Text(write.resource_type.clone()),
+        Bind::Text(write.id.clone()),
+        Bind::Integer(write.version),
+        Bind::Text(write.method.as_str().to_string()),
+        Bind::Integer(micros(write.last_updated)),
+        Bind::Integer(i64::from(write.body.is_none())),
+        Bind::OptionalText(write.compartment.clone()),
+        Bind::OptionalText(write.key_id.clone()),
+        Bind::OptionalBytes(write.body.take()),
+    ]
+}
+
+/// Moves an existing head from `current` to the write's version. The head decides the race: an
+/// update that touches no row means another writer moved it first.
+async fn advance_head_in(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scope: &Scope,
+    write: &VersionWrite,
+    current: i64,
+) -> StoreResult<()> {
+    let moved = sqlx::query(
+        "UPDATE resource_heads SET version_id = $4, deleted = $5 \
+             WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3 AND version_id = $6",
+    )
+    .bind(scope.tenant())
+    .bind(&write.resource_type)
+    .bind(&write.id)
+    .bind(write.version)
+    .bind(i64::from(write.body.is_none()))
+    .bind(current)
+    .execute(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::VersionConflict);
+    }
+    Ok(())
+}
+
+/// Takes the write's conditional-create claim, if it has one: taken unless another live claim
+/// holds the key (see 0005_conditional_claims.sql).
+async fn claim_in(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scope: &Scope,
+    write: &VersionWrite,
+) -> StoreResult<()> {
+    let Some(claim) = &write.claim else {
+        return Ok(());
+    };
+    let now = micros(write.last_updated);
+    let claimed = sqlx::query(
+        "INSERT INTO conditional_claims (tenant, claim_key, created_us) VALUES ($1, $2, $3) \
+         ON CONFLICT (tenant, claim_key) DO UPDATE SET created_us = excluded.created_us \
+         WHERE conditional_claims.created_us < $4",
+    )
+    .bind(scope.tenant())
+    .bind(claim)
+    .bind(now)
+    .bind(now - super::CLAIM_LIFETIME_MICROS)
+    .execute(&mut **transaction)
+    .await
+    .map_err(classify)?;
+    if claimed.rows_affected() != 1 {
+        return Err(StoreError::VersionConflict);
+    }
+    Ok(())
+}
+
+/// The writes of a transaction bundle inside its database transaction, with a few multi-row
+/// statements for all of them: new heads, versions and index rows each go in together, and
+/// only updates and deletions (which must each find their head at the expected version) and
+/// conditional-create claims take a statement per write.
+async fn write_all_in(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    scope: &Scope,
+    writes: Vec<VersionWrite>,
+    audit: &mut Vec<AuditEntry>,
+) -> StoreResult<()> {
+    let mut new_heads = Vec::new();
+    let mut versions = Vec::with_capacity(writes.len());
+    let mut index = IndexInserts::default();
+    for mut write in writes {
+        audit.extend(write.audit.take());
+        match write.expected {
+            Expected::Absent => new_heads.push(head_row(scope, &write)),
+            Expected::Version(current) => {
+                advance_head_in(transaction, scope, &write, current).await?;
+                delete_index_in(transaction, scope, (&write.resource_type, &write.id)).await?;
+            }
+        }
+        claim_in(transaction, scope, &write).await?;
+        versions.push(version_row(scope, &mut write));
+        let rows = std::mem::take(&mut write.index);
+        index.add(scope, (&write.resource_type, &write.id), rows);
+    }
+    let wanted = new_heads.len() as u64;
+    if insert_rows(transaction, HEADS, new_heads, ABSENT_ONLY).await? != wanted {
+        return Err(StoreError::VersionConflict);
+    }
+    insert_rows(
+        transaction,
+        "resource_versions (tenant, resource_type, resource_id, version_id, method, \
+         last_updated_us, deleted, compartment, key_id, body)",
+        versions,
+        "",
+    )
+    .await?;
+    index.insert_in(transaction).await
 }
 
 /// Most values bound in one `IN (…)` list (SQLite allows 32,766 parameters per statement).
@@ -1317,6 +1403,10 @@ enum Bind {
     Text(String),
     Integer(i64),
     Real(f64),
+    /// Text or NULL.
+    OptionalText(Option<String>),
+    /// Bytes or NULL.
+    OptionalBytes(Option<Vec<u8>>),
 }
 
 fn bind_all<'q>(
@@ -1328,6 +1418,8 @@ fn bind_all<'q>(
             Bind::Text(text) => query.bind(text),
             Bind::Integer(number) => query.bind(number),
             Bind::Real(number) => query.bind(number),
+            Bind::OptionalText(text) => query.bind(text),
+            Bind::OptionalBytes(bytes) => query.bind(bytes),
         };
     }
     query
@@ -1526,49 +1618,72 @@ fn range_alternatives<T: Copy>(
     alternatives.join(" OR ")
 }
 
-/// Inserts rows (each its bound values, in `target`'s column order) with many rows per
-/// statement, well under SQLite's parameter limit.
+/// Most rows one multi-row insert carries (a power of two; see [`insert_chunk_sizes`]).
+const MAX_ROWS_PER_INSERT: usize = 256;
+
+/// How `total` rows are split into multi-row statements: full chunks of
+/// [`MAX_ROWS_PER_INSERT`], then the binary decomposition of the rest (70 → 64 + 4 + 2). Every
+/// statement text is one of a few shapes per table, so prepared statements stay cached (a
+/// statement per row count would be planned afresh and churn the connection's statement
+/// cache), and `total` rows take at most a logarithmic number of round trips.
+fn insert_chunk_sizes(total: usize) -> Vec<usize> {
+    let mut sizes = vec![MAX_ROWS_PER_INSERT; total / MAX_ROWS_PER_INSERT];
+    let mut rest = total % MAX_ROWS_PER_INSERT;
+    let mut size = MAX_ROWS_PER_INSERT / 2;
+    while rest > 0 {
+        if rest >= size {
+            sizes.push(size);
+            rest -= size;
+        }
+        size /= 2;
+    }
+    sizes
+}
+
+/// `($first, …), (…), …`: `rows` rows of `columns` placeholders, numbered from 1.
+fn values_placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| format!("({})", placeholders(row * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inserts rows (each its bound values, in `target`'s column order, all of one width) with
+/// many rows per statement, well under SQLite's parameter limit; `suffix` follows the VALUES
+/// (an `ON CONFLICT` clause). Returns how many rows were inserted.
 async fn insert_rows(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     target: &str,
     rows: Vec<Vec<Bind>>,
-) -> StoreResult<()> {
-    const ROWS_PER_STATEMENT: usize = 300;
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let mut binds = Binds::default();
-        let values: Vec<String> = rows
-            .by_ref()
-            .take(ROWS_PER_STATEMENT)
-            .map(|row| {
-                let placeholders: Vec<String> =
-                    row.into_iter().map(|bind| binds.push(bind)).collect();
-                format!("({})", placeholders.join(", "))
-            })
-            .collect();
-        let statement = format!("INSERT INTO {target} VALUES {}", values.join(", "));
-        bind_all(sqlx::query(&statement), binds.0)
+    suffix: &str,
+) -> StoreResult<u64> {
+    let Some(columns) = rows.first().map(Vec::len) else {
+        return Ok(0);
+    };
+    let mut rows = rows.into_iter();
+    let mut inserted = 0;
+    for size in insert_chunk_sizes(rows.len()) {
+        let statement = format!(
+            "INSERT INTO {target} VALUES {}{suffix}",
+            values_placeholders(size, columns)
+        );
+        let binds: Vec<Bind> = rows.by_ref().take(size).flatten().collect();
+        inserted += bind_all(sqlx::query(&statement), binds)
             .execute(&mut **transaction)
             .await
-            .map_err(classify)?;
+            .map_err(classify)?
+            .rows_affected();
     }
-    Ok(())
+    Ok(inserted)
 }
 
-/// Replaces the index rows of one resource inside the write's transaction.
-async fn replace_index_in(
+/// Removes the index rows of one resource (before its new version's rows go in).
+async fn delete_index_in(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     scope: &Scope,
     (resource_type, id): (&str, &str),
-    rows: &IndexRows,
-    fresh: bool,
 ) -> StoreResult<()> {
-    let stale_tables: &[&str] = if fresh {
-        &[]
-    } else {
-        &["search_terms", "search_dates", "search_numbers"]
-    };
-    for table in stale_tables {
+    for table in ["search_terms", "search_dates", "search_numbers"] {
         sqlx::query(&format!(
             "DELETE FROM {table} WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3"
         ))
@@ -1579,50 +1694,74 @@ async fn replace_index_in(
         .await
         .map_err(classify)?;
     }
-    let key = |param: &str| {
-        vec![
-            Bind::Text(scope.tenant().to_string()),
-            Bind::Text(resource_type.to_string()),
-            Bind::Text(id.to_string()),
-            Bind::Text(param.to_string()),
-        ]
-    };
-    let with = |mut row: Vec<Bind>, extra: [Bind; 2]| {
-        row.extend(extra);
-        row
-    };
-    insert_rows(
-        transaction,
-        "search_terms (tenant, resource_type, resource_id, param, term)",
-        rows.terms
-            .iter()
-            .map(|(param, term)| {
-                let mut row = key(param);
-                row.push(Bind::Text(term.clone()));
-                row
-            })
-            .collect(),
-    )
-    .await?;
-    insert_rows(
-        transaction,
-        "search_dates (tenant, resource_type, resource_id, param, low, high)",
-        rows.dates
-            .iter()
-            .map(|(param, low, high)| with(key(param), [Bind::Integer(*low), Bind::Integer(*high)]))
-            .collect(),
-    )
-    .await?;
-    insert_rows(
-        transaction,
-        "search_numbers (tenant, resource_type, resource_id, param, low, high)",
-        rows.numbers
-            .iter()
-            .map(|(param, low, high)| with(key(param), [Bind::Real(*low), Bind::Real(*high)]))
-            .collect(),
-    )
-    .await?;
     Ok(())
+}
+
+/// Index rows of one or more resources, inserted together (a transaction bundle's writes
+/// share three multi-row inserts instead of three per resource).
+#[derive(Default)]
+struct IndexInserts {
+    terms: Vec<Vec<Bind>>,
+    dates: Vec<Vec<Bind>>,
+    numbers: Vec<Vec<Bind>>,
+}
+
+impl IndexInserts {
+    /// Adds the rows of `resource_type/id`.
+    fn add(&mut self, scope: &Scope, (resource_type, id): (&str, &str), rows: IndexRows) {
+        let key = |param: String| {
+            vec![
+                Bind::Text(scope.tenant().to_string()),
+                Bind::Text(resource_type.to_string()),
+                Bind::Text(id.to_string()),
+                Bind::Text(param),
+            ]
+        };
+        let with = |mut row: Vec<Bind>, extra: [Bind; 2]| {
+            row.extend(extra);
+            row
+        };
+        self.terms
+            .extend(rows.terms.into_iter().map(|(param, term)| {
+                let mut row = key(param);
+                row.push(Bind::Text(term));
+                row
+            }));
+        self.dates.extend(
+            rows.dates.into_iter().map(|(param, low, high)| {
+                with(key(param), [Bind::Integer(low), Bind::Integer(high)])
+            }),
+        );
+        self.numbers.extend(
+            rows.numbers
+                .into_iter()
+                .map(|(param, low, high)| with(key(param), [Bind::Real(low), Bind::Real(high)])),
+        );
+    }
+
+    async fn insert_in(
+        self,
+        transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    ) -> StoreResult<()> {
+        let tables = [
+            (
+                "search_terms (tenant, resource_type, resource_id, param, term)",
+                self.terms,
+            ),
+            (
+                "search_dates (tenant, resource_type, resource_id, param, low, high)",
+                self.dates,
+            ),
+            (
+                "search_numbers (tenant, resource_type, resource_id, param, low, high)",
+                self.numbers,
+            ),
+        ];
+        for (target, rows) in tables {
+            insert_rows(transaction, target, rows, "").await?;
+        }
+        Ok(())
+    }
 }
 
 /// Inserts audit records inside an open transaction (a write's own, or a group commit's). No
@@ -1631,23 +1770,18 @@ async fn append_audit_in(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     entries: &[AuditEntry],
 ) -> StoreResult<Vec<i64>> {
-    // Many rows per statement: a group commit costs a few round trips, not one per record.
-    const ROWS_PER_STATEMENT: usize = 200;
+    // Many rows per statement: a group commit costs a few round trips, not one per record, and
+    // a few statement shapes (see insert_chunk_sizes).
     const COLUMNS: usize = 9;
     let mut ids = Vec::with_capacity(entries.len());
-    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|row| {
-                let placeholders: Vec<String> = (1..=COLUMNS)
-                    .map(|column| format!("${}", row * COLUMNS + column))
-                    .collect();
-                format!("({})", placeholders.join(", "))
-            })
-            .collect();
+    let mut rest = entries;
+    for size in insert_chunk_sizes(entries.len()) {
+        let (chunk, after) = rest.split_at(size);
+        rest = after;
         let statement = format!(
             "INSERT INTO audit_records (tenant, recorded_us, interaction, resource_type, \
                resource_id, outcome, agent, patient, record) VALUES {} RETURNING record_id",
-            rows.join(", ")
+            values_placeholders(chunk.len(), COLUMNS)
         );
         let mut query = sqlx::query(&statement);
         for entry in chunk {
@@ -1699,7 +1833,34 @@ fn decode_checkpoint(row: &AnyRow) -> StoreResult<Checkpoint> {
 
 #[cfg(test)]
 mod tests {
-    use super::unfold_versions;
+    use super::{insert_chunk_sizes, unfold_versions, MAX_ROWS_PER_INSERT};
+
+    #[test]
+    fn insert_chunks_cover_every_row_with_few_statement_shapes() {
+        let mut shapes = std::collections::BTreeSet::new();
+        for total in 0..=3 * MAX_ROWS_PER_INSERT + 7 {
+            let sizes = insert_chunk_sizes(total);
+            assert_eq!(sizes.iter().sum::<usize>(), total, "{total} rows");
+            assert!(sizes
+                .iter()
+                .all(|&size| size > 0 && size <= MAX_ROWS_PER_INSERT));
+            // Full chunks, then at most one statement per power of two below the maximum.
+            let partial = sizes
+                .iter()
+                .filter(|&&size| size < MAX_ROWS_PER_INSERT)
+                .count();
+            assert!(
+                partial <= MAX_ROWS_PER_INSERT.trailing_zeros() as usize,
+                "{sizes:?}"
+            );
+            shapes.extend(sizes);
+        }
+        assert_eq!(
+            shapes.len(),
+            MAX_ROWS_PER_INSERT.trailing_zeros() as usize + 1
+        );
+        assert_eq!(insert_chunk_sizes(70), vec![64, 4, 2]);
+    }
 
     #[test]
     fn folded_consent_versions_unfold_sorted() {
