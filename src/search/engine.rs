@@ -18,7 +18,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::index::{self, clip, prefix_term, year_of, Blinder, PREFIX_LENGTHS};
+use super::index::{clip, prefix_term, year_of, Blinder, PREFIX_LENGTHS};
 use super::matcher;
 use super::query::{
     Criterion, Include, Modifier, ParsedQuery, Prefix, QueryValue, TokenSystem, TotalMode,
@@ -785,10 +785,7 @@ impl<'a> Search<'a> {
                         Some(CandidateFilter::Missing { param })
                     }
                     Some(QueryValue::Boolean(false)) if values.len() == 1 => {
-                        Some(CandidateFilter::Terms {
-                            param,
-                            terms: vec![index::PRESENCE.to_string()],
-                        })
+                        Some(CandidateFilter::Present { param })
                     }
                     _ => None,
                 };

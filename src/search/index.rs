@@ -7,7 +7,10 @@
 //! - string: `e:{normalized}` (case- and accent-folded);
 //! - date: a row of `search_dates` with its range; number and quantity: a row of
 //!   `search_numbers` with the precision range;
-//! - every parameter with a value: the presence term `?` (for `:missing`).
+//! - a parameter whose values gave none of the above (a token with only a display text, a
+//!   reference with only a display): the presence term `?`, so that `:missing` still sees it.
+//!   Any row of a parameter marks it present; a presence row for every parameter of every
+//!   resource was a third of the index.
 //!
 //! Identifying values ([`ParamDef::identifying`]) never reach the index in clear: each term is
 //! replaced by `h:` + the first 64 bits of HMAC-SHA256(index key, parameter ‖ 0 ‖ term), the
@@ -34,7 +37,7 @@ pub const PREFIX_LENGTHS: &[usize] = &[1, 3, 5, 8];
 /// A date range covering more years than this is indexed as "wide" instead of year by year.
 pub const MAX_BLIND_YEARS: i32 = 60;
 
-/// The presence term (see the module docs).
+/// The presence term of a parameter that has values but no other row (see the module docs).
 pub const PRESENCE: &str = "?";
 
 /// Longest term kept, in characters: longer values are cut (the re-check stays exact), which
@@ -147,7 +150,8 @@ pub fn index_rows(
             continue;
         }
         let code = &definition.code;
-        let mut terms: Vec<String> = vec![PRESENCE.to_string()];
+        let ranges_before = rows.dates.len() + rows.numbers.len();
+        let mut terms: Vec<String> = Vec::new();
         for value in &found {
             match value {
                 SearchValue::Token { system, code, .. } => {
@@ -200,6 +204,9 @@ pub fn index_rows(
                     rows.numbers.push((code.clone(), *low, *high));
                 }
             }
+        }
+        if terms.is_empty() && rows.dates.len() + rows.numbers.len() == ranges_before {
+            terms.push(PRESENCE.to_string());
         }
         let mut terms: Vec<String> = terms.into_iter().map(clip).collect();
         terms.sort();

@@ -173,8 +173,10 @@ pub enum CandidateFilter {
         param: String,
         any_of: Vec<RangeBounds<f64>>,
     },
-    /// The parameter has no value at all (`:missing=true`).
+    /// The parameter has no value at all (`:missing=true`): no row of it in any index table.
     Missing { param: String },
+    /// The parameter has a value (`:missing=false`): a row of it in some index table.
+    Present { param: String },
 }
 
 /// Candidates of a search: current, not deleted resources of the given types (all types when

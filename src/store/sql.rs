@@ -1523,6 +1523,21 @@ fn filter_condition(
              WHERE x.tenant = {tenant}{of_types} AND x.param = {param} AND ({condition}))"
         )
     };
+    // Every resource with a value of the parameter has a row of it in one of the index tables
+    // (a presence term where its values gave no other row; see search::index).
+    let mut rows_of_param = |param: &str| {
+        let param = binds.text(param);
+        ["search_terms", "search_dates", "search_numbers"]
+            .iter()
+            .map(|table| {
+                format!(
+                    "SELECT x.resource_type, x.resource_id FROM {table} x \
+                     WHERE x.tenant = {tenant}{of_types} AND x.param = {param}"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
     match filter {
         CandidateFilter::Ids(ids) => {
             if ids.is_empty() {
@@ -1570,19 +1585,19 @@ fn filter_condition(
             rows_of("search_numbers", &param, alternatives)
         }
         CandidateFilter::Missing { param } => {
-            // Every parameter with a value has a presence term, whatever its type.
-            let param = binds.text(param);
-            let present = binds.text(PRESENCE_TERM);
             format!(
-                "(h.resource_type, h.resource_id) NOT IN (SELECT x.resource_type, x.resource_id FROM search_terms x \
-                 WHERE x.tenant = {tenant}{of_types} AND x.param = {param} AND x.term = {present})"
+                "(h.resource_type, h.resource_id) NOT IN ({})",
+                rows_of_param(param)
+            )
+        }
+        CandidateFilter::Present { param } => {
+            format!(
+                "(h.resource_type, h.resource_id) IN ({})",
+                rows_of_param(param)
             )
         }
     }
 }
-
-/// The term every indexed parameter with at least one value carries, for `:missing`.
-pub const PRESENCE_TERM: &str = "?";
 
 fn range_alternatives<T: Copy>(
     any_of: &[RangeBounds<T>],

@@ -1837,6 +1837,65 @@ async fn date_prefixes_follow_the_r4_table(app: TestApp) {
 }
 both_backends!(date_prefix_table, super::date_prefixes_follow_the_r4_table);
 
+/// `:missing` sees a value whichever index table holds it: a date (search_dates), a quantity
+/// (search_numbers), a coded value (search_terms), and a value that gives no index term at all
+/// (a CodeableConcept with only text, stored as a bare presence term).
+async fn missing_sees_every_kind_of_value(app: TestApp) {
+    let marker = "urn:test:missing|m";
+    let observation = |extra: Value| {
+        let mut resource = json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "urn:test:missing", "code": "m"}]},
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            resource[key] = value.clone();
+        }
+        resource
+    };
+    let bare = app.create_id(&observation(json!({}))).await;
+    let dated = app
+        .create_id(&observation(json!({"effectiveDateTime": "2020-02-02"})))
+        .await;
+    let measured = app
+        .create_id(&observation(
+            json!({"valueQuantity": {"value": 5.5, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}}),
+        ))
+        .await;
+    let text_only = app
+        .create_id(&observation(
+            json!({"valueCodeableConcept": {"text": "only words"}}),
+        ))
+        .await;
+    let all = [&bare, &dated, &measured, &text_only];
+    let set = |ids: &[&String]| keys(ids.iter().map(|id| format!("Observation/{id}")));
+    let cases: [(&str, Vec<&String>); 3] = [
+        ("date", vec![&dated]),
+        ("value-quantity", vec![&measured]),
+        ("value-concept", vec![&text_only]),
+    ];
+    for (param, present) in cases {
+        let absent: Vec<&String> = all
+            .iter()
+            .copied()
+            .filter(|id| !present.contains(id))
+            .collect();
+        expect_matches(
+            &app,
+            &format!("Observation?code={}&{param}:missing=false", enc(marker)),
+            &set(&present),
+        )
+        .await;
+        expect_matches(
+            &app,
+            &format!("Observation?code={}&{param}:missing=true", enc(marker)),
+            &set(&absent),
+        )
+        .await;
+    }
+}
+both_backends!(missing_values, super::missing_sees_every_kind_of_value);
+
 // ---------------------------------------------------------------------------------------------
 // Synthea: clinical queries over realistic records.
 
