@@ -9,6 +9,7 @@
 
 mod export;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,7 +43,12 @@ enum Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite's writer turn in this process (see [`SqlStore::begin`]).
+    writer_turn: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// Longest wait for SQLite's writer turn before a write is answered as unavailable (503).
+const WRITER_TURN_TIMEOUT: Duration = Duration::from_secs(20);
 
 const VERSION_COLUMNS: &str =
     "v.sequence, v.resource_type, v.resource_id, v.version_id, v.method, \
@@ -94,7 +100,11 @@ impl SqlStore {
                 .await
                 .map_err(classify)?;
         }
-        Ok(SqlStore { pool, backend })
+        Ok(SqlStore {
+            pool,
+            backend,
+            writer_turn: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     /// Applies the backend's pending migrations.
@@ -118,18 +128,48 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+    /// This process's turn to write to SQLite (see [`SqlStore::begin`]); `None` on PostgreSQL,
+    /// which has no single writer. Also taken by the autocommit writes a burst of new patients
+    /// makes (compartments, data keys), which would otherwise poll against the queue.
+    async fn sqlite_writer_turn(&self) -> StoreResult<Option<tokio::sync::OwnedMutexGuard<()>>> {
+        match self.backend {
+            Backend::Sqlite => {
+                tokio::time::timeout(WRITER_TURN_TIMEOUT, self.writer_turn.clone().lock_owned())
+                    .await
+                    .map(Some)
+                    .map_err(|_| {
+                        StoreError::Unavailable("timed out waiting to write to SQLite".into())
+                    })
+            }
+            Backend::Postgres => Ok(None),
+        }
+    }
+
+    /// Begins a write transaction. On SQLite it first takes this process's writer turn, held
+    /// (the guard) until the transaction ends: SQLite has one writer at a time, and writers that
+    /// wait on its busy timeout poll for the lock in no order, so under a burst of large
+    /// transactions one could starve past the timeout (503) while others got through. The
+    /// turn queues them first come, first served; the busy timeout remains for other processes
+    /// and for the short autocommit writes.
+    async fn begin(
+        &self,
+    ) -> StoreResult<(
+        sqlx::Transaction<'static, sqlx::Any>,
+        Option<tokio::sync::OwnedMutexGuard<()>>,
+    )> {
+        let turn = self.sqlite_writer_turn().await?;
         // SQLite: take the write lock up front so that two writers queue on the busy timeout
         // instead of failing when a read lock cannot be upgraded.
         let statement = match self.backend {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
         };
-        self.pool.begin_with(statement).await.map_err(classify)
+        let transaction = self.pool.begin_with(statement).await.map_err(classify)?;
+        Ok((transaction, turn))
     }
 
     async fn write_now(&self, scope: &Scope, write: VersionWrite) -> StoreResult<VersionRecord> {
-        let mut transaction = self.begin().await?;
+        let (mut transaction, _turn) = self.begin().await?;
         if let Some(key_id) = write.key_id.as_deref() {
             self.lock_data_keys(&mut transaction, scope.tenant(), &[key_id])
                 .await?;
@@ -145,7 +185,7 @@ impl SqlStore {
         writes: Vec<VersionWrite>,
         audit: Vec<AuditEntry>,
     ) -> StoreResult<()> {
-        let mut transaction = self.begin().await?;
+        let (mut transaction, _turn) = self.begin().await?;
         let key_ids: Vec<&str> = writes
             .iter()
             .filter_map(|write| write.key_id.as_deref())
@@ -171,14 +211,14 @@ impl SqlStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut transaction = self.begin().await?;
+        let (mut transaction, _turn) = self.begin().await?;
         let sequences = append_audit_in(&mut transaction, entries).await?;
         transaction.commit().await.map_err(classify)?;
         Ok(sequences)
     }
 
     async fn sequence_pending_now(&self, limit: i64) -> StoreResult<i64> {
-        let mut transaction = self.begin().await?;
+        let (mut transaction, _turn) = self.begin().await?;
         // The counter row's lock makes one sequencer at a time, across all processes.
         let row = sqlx::query(
             "UPDATE audit_counter SET next_sequence = next_sequence WHERE id = 1 RETURNING next_sequence",
@@ -611,6 +651,7 @@ impl Store for SqlStore {
     }
 
     async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<()> {
+        let _turn = self.sqlite_writer_turn().await?;
         sqlx::query(
             "INSERT INTO audit_checkpoints (tree_size, root_hash, signed_us, key_id, signature) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -683,6 +724,7 @@ impl Store for SqlStore {
             .await
             .map_err(classify)?;
         if existing.is_none() {
+            let _turn = self.sqlite_writer_turn().await?;
             sqlx::query(
                 "INSERT INTO patient_compartments (tenant, patient_id, pseudonym) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant, patient_id) DO NOTHING",
@@ -747,6 +789,7 @@ impl Store for SqlStore {
     }
 
     async fn insert_data_key(&self, key: &StoredDataKey) -> StoreResult<bool> {
+        let _turn = self.sqlite_writer_turn().await?;
         let inserted = sqlx::query(
             "INSERT INTO data_keys (key_id, tenant, compartment, kek_id, wrapped, created_us) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",

@@ -118,7 +118,7 @@ impl SqlStore {
     ) -> StoreResult<ErasureOutcome> {
         let tenant = scope.tenant();
         let pseudonym = request.pseudonym.as_str();
-        let mut transaction = self.begin().await?;
+        let (mut transaction, _turn) = self.begin().await?;
         if request.respect_holds {
             if let Some(hold) = hold_on(&mut *transaction, tenant, pseudonym).await? {
                 transaction.rollback().await.map_err(classify)?;

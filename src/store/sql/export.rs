@@ -106,7 +106,7 @@ pub(super) async fn claim_job(
             return Ok(None);
         };
         let job_id: String = candidate.try_get("job_id").map_err(internal)?;
-        let mut transaction = store.begin().await?;
+        let (mut transaction, _turn) = store.begin().await?;
         // Conditional on the state just read: of two nodes racing, one update matches.
         let taken = sqlx::query(
             "UPDATE export_jobs SET status = 'running', lease_owner = $3, lease_until_us = $4, \
@@ -156,7 +156,7 @@ pub(super) async fn append_chunks(
     let lease = lease.clone();
     let chunks = chunks.to_vec();
     detached(async move {
-        let mut transaction = store.begin().await?;
+        let (mut transaction, _turn) = store.begin().await?;
         // The lease row first: it locks the job, so a cancel (which deletes the job, then its
         // chunks) either waits for this batch or makes it match nothing.
         let lines: i64 = chunks.iter().map(|chunk| chunk.line_count).sum();
@@ -273,7 +273,7 @@ pub(super) async fn delete_job(store: &SqlStore, tenant: &str, job_id: &str) -> 
     let store = store.clone();
     let (tenant, job_id) = (tenant.to_string(), job_id.to_string());
     detached(async move {
-        let mut transaction = store.begin().await?;
+        let (mut transaction, _turn) = store.begin().await?;
         // The job row first (see `append_chunks`), then its output.
         let deleted = sqlx::query("DELETE FROM export_jobs WHERE tenant = $1 AND job_id = $2")
             .bind(&tenant)
