@@ -5,7 +5,8 @@ Subcommands:
   run      load the Synthea data replicated to --patients patients into the server at
            --base-url, ANALYZE the database at --analyze-database-url (PostgreSQL) if given, run
            the query mix, print its table and append a JSON line of results to --results. The
-           bearer token is read from CUSTODIAN_BENCH_TOKEN.
+           bearer token is read from CUSTODIAN_BENCH_TOKEN. With --no-load it skips the load and
+           queries data an earlier run left in the server (A/B of two builds on one data set).
   explain  ANALYZE the PostgreSQL database at --database-url, then EXPLAIN (ANALYZE, BUFFERS) the
            candidate SQL of four query kinds; exits 1 if a plan scans search_terms,
            search_dates or resource_heads sequentially.
@@ -550,13 +551,18 @@ def command_run(arguments) -> int:
     dataset = read_dataset(Path(arguments.synthea_dir))
     client = Client(arguments.base_url, token)
 
-    log(f"[{label}] loading {arguments.patients} patients ({dataset.resources_for(copies)} resources)")
-    try:
-        loaded, load_secs = load(client, dataset, copies, arguments.load_workers, label)
-    except RequestFailed as error:
-        log(f"[{label}] {error}")
-        return 1
-    log(f"[{label}] loaded {loaded} resources in {load_secs:.1f} s ({loaded / load_secs:.0f}/s)")
+    if arguments.no_load:
+        # Re-measuring a server whose data an earlier run with the same --patients loaded.
+        loaded, load_secs = dataset.resources_for(copies), math.nan
+        log(f"[{label}] not loading: {loaded} resources are expected to be there")
+    else:
+        log(f"[{label}] loading {arguments.patients} patients ({dataset.resources_for(copies)} resources)")
+        try:
+            loaded, load_secs = load(client, dataset, copies, arguments.load_workers, label)
+        except RequestFailed as error:
+            log(f"[{label}] {error}")
+            return 1
+        log(f"[{label}] loaded {loaded} resources in {load_secs:.1f} s ({loaded / load_secs:.0f}/s)")
     if arguments.analyze_database_url:
         # Statistics as autovacuum would gather them in time: measured right after a bulk load,
         # the planner would still assume near-empty tables (and pick nested loops over whole
@@ -894,6 +900,8 @@ def main() -> int:
     run.add_argument("--load-workers", type=int, default=16)
     run.add_argument("--results", required=True)
     run.add_argument("--analyze-database-url", help="PostgreSQL to ANALYZE between load and queries")
+    run.add_argument("--no-load", action="store_true",
+                     help="skip the load: the server already holds this data (A/B runs of the query mix)")
     explain = commands.add_parser("explain", help="PostgreSQL plans of the candidate statements")
     explain.add_argument("--database-url", required=True)
     summary = commands.add_parser("summary", help="tables of all runs")

@@ -720,7 +720,7 @@ impl<'a> Search<'a> {
 
     /// The index filters of the checks (those the index can narrow on).
     fn filters(&self, checks: &[Check]) -> Vec<CandidateFilter> {
-        let mut filters = Vec::new();
+        let mut ranked = Vec::new();
         for check in checks {
             match check {
                 Check::Plain {
@@ -728,27 +728,34 @@ impl<'a> Search<'a> {
                     criterion,
                 } => {
                     if let Some(filter) = self.filter_of(definition, criterion) {
-                        filters.push(filter);
+                        ranked.push((expected_breadth(Some(definition), &filter), filter));
                     }
                 }
                 Check::RefersTo {
                     definition,
                     targets,
-                } => filters.push(CandidateFilter::Terms {
-                    param: definition.code.clone(),
-                    terms: targets
-                        .iter()
-                        .map(|(target, id)| clip(format!("r:{target}/{id}")))
-                        .collect(),
-                }),
-                Check::OneOf(resources) => filters.push(CandidateFilter::Ids(
-                    resources.iter().map(|(_, id)| id.clone()).collect(),
-                )),
+                } => {
+                    let filter = CandidateFilter::Terms {
+                        param: definition.code.clone(),
+                        terms: targets
+                            .iter()
+                            .map(|(target, id)| clip(format!("r:{target}/{id}")))
+                            .collect(),
+                    };
+                    ranked.push((expected_breadth(Some(definition), &filter), filter));
+                }
+                Check::OneOf(resources) => {
+                    let filter =
+                        CandidateFilter::Ids(resources.iter().map(|(_, id)| id.clone()).collect());
+                    ranked.push((expected_breadth(None, &filter), filter));
+                }
                 // Per-candidate checks narrow nothing in the index.
                 Check::ChainEach { .. } | Check::HasEach { .. } => {}
             }
         }
-        filters
+        // The store drives the query from the first filter (see CandidateQuery::filters).
+        ranked.sort_by_key(|(breadth, _)| *breadth);
+        ranked.into_iter().map(|(_, filter)| filter).collect()
     }
 
     /// The filter of one plain criterion, or `None` when the index cannot narrow it (the
@@ -1329,6 +1336,31 @@ pub(crate) fn composite_passes(
             matcher::composite_matches(parts, &component_types, &node_components)
         })
     })
+}
+
+/// How broad a filter is expected to be, narrowest first: the store drives a candidate query
+/// from its first filter and probes the others per candidate, so the narrowest should lead.
+/// A guess from the filter's shape, not a count (counting would cost a query per filter):
+/// an id list; a reference to given resources or a person's blinded name or identifier
+/// (a handful of rows each); a code or status (shared by many resources); a prefix; a range
+/// of dates or numbers (blinded dates are year terms, as broad as ranges); then presence and
+/// absence.
+fn expected_breadth(definition: Option<&ParamDef>, filter: &CandidateFilter) -> u8 {
+    match filter {
+        CandidateFilter::Ids(_) => 0,
+        CandidateFilter::Terms { .. } => {
+            match definition.map(|definition| definition.search_type) {
+                Some(SearchType::Date) => 4,
+                Some(SearchType::Reference) => 1,
+                _ if definition.is_some_and(|definition| definition.identifying) => 1,
+                _ => 2,
+            }
+        }
+        CandidateFilter::TermPrefixes { .. } => 3,
+        CandidateFilter::Dates { .. } | CandidateFilter::Numbers { .. } => 4,
+        CandidateFilter::Present { .. } => 5,
+        CandidateFilter::Missing { .. } => 6,
+    }
 }
 
 /// The blinded years a date criterion can match, or `None` when too many to enumerate.

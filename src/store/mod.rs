@@ -184,6 +184,8 @@ pub enum CandidateFilter {
 #[derive(Debug, Clone, Default)]
 pub struct CandidateQuery {
     pub resource_types: Vec<String>,
+    /// Narrowest expected first: the first filter drives the query (its index rows lead to the
+    /// heads), the others are probed per candidate; an id list pins the heads down by itself.
     pub filters: Vec<CandidateFilter>,
     pub after: Option<(String, String)>,
     pub limit: usize,

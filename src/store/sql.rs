@@ -1526,11 +1526,31 @@ fn candidate_statement(
             "(h.resource_type > {after_type} OR (h.resource_type = {after_type} AND h.resource_id > {after_id}))"
         ));
     }
-    for filter in &query.filters {
+    // One filter drives the query (its index rows are looked up once and joined to the heads);
+    // every other filter is probed per candidate. Written as `IN (subquery)` each, SQLite
+    // would materialize every subquery in full before joining: for a broad filter (the
+    // Observations of a date range) that is most of an index table per search. No filter
+    // drives when an id list already pins the heads down.
+    let driver = if query
+        .filters
+        .iter()
+        .any(|filter| matches!(filter, CandidateFilter::Ids(_)))
+    {
+        None
+    } else {
+        Some(0)
+    };
+    for (position, filter) in query.filters.iter().enumerate() {
+        let role = if driver == Some(position) {
+            FilterRole::Drives
+        } else {
+            FilterRole::Probes
+        };
         conditions.push(filter_condition(
             &tenant,
             types.as_deref(),
             filter,
+            role,
             &mut binds,
         ));
     }
@@ -1549,38 +1569,55 @@ fn candidate_statement(
     (statement, binds.0)
 }
 
-/// One filter as a condition on the head row `h`: `(type, id) IN (index rows that qualify)`,
-/// the index rows limited to `types` (placeholders of the searched types) when given.
+/// How a filter's index rows meet the head row `h` (see [`candidate_statement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterRole {
+    /// `(type, id) IN (the qualifying index rows)`: looked up once, the rows lead to the heads.
+    Drives,
+    /// `EXISTS (a qualifying index row of h)`: one index probe per candidate head.
+    Probes,
+}
+
+/// One filter as a condition on the head row `h`, the index rows limited to `types`
+/// (placeholders of the searched types) when given.
 fn filter_condition(
     tenant: &str,
     types: Option<&str>,
     filter: &CandidateFilter,
+    role: FilterRole,
     binds: &mut Binds,
 ) -> String {
     let of_types = types
         .map(|types| format!(" AND x.resource_type IN ({types})"))
         .unwrap_or_default();
-    let rows_of = |table: &str, param: &str, condition: String| {
+    // The index rows of `param` in `table` (that meet `condition`), as the rows of `h` or as
+    // the rows of any resource of the searched types.
+    let of_head = |table: &str, param: &str, condition: &str| {
         format!(
-            "(h.resource_type, h.resource_id) IN (SELECT x.resource_type, x.resource_id FROM {table} x \
-             WHERE x.tenant = {tenant}{of_types} AND x.param = {param} AND ({condition}))"
+            "EXISTS (SELECT 1 FROM {table} x WHERE x.tenant = {tenant} \
+             AND x.resource_type = h.resource_type AND x.param = {param}{condition} \
+             AND x.resource_id = h.resource_id)"
         )
+    };
+    let of_types_rows = |table: &str, param: &str, condition: &str| {
+        format!(
+            "SELECT x.resource_type, x.resource_id FROM {table} x \
+             WHERE x.tenant = {tenant}{of_types} AND x.param = {param}{condition}"
+        )
+    };
+    let rows_of = |table: &str, param: &str, condition: String| {
+        let condition = format!(" AND ({condition})");
+        match role {
+            FilterRole::Drives => format!(
+                "(h.resource_type, h.resource_id) IN ({})",
+                of_types_rows(table, param, &condition)
+            ),
+            FilterRole::Probes => of_head(table, param, &condition),
+        }
     };
     // Every resource with a value of the parameter has a row of it in one of the index tables
     // (a presence term where its values gave no other row; see search::index).
-    let mut rows_of_param = |param: &str| {
-        let param = binds.text(param);
-        ["search_terms", "search_dates", "search_numbers"]
-            .iter()
-            .map(|table| {
-                format!(
-                    "SELECT x.resource_type, x.resource_id FROM {table} x \
-                     WHERE x.tenant = {tenant}{of_types} AND x.param = {param}"
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ")
-    };
+    const INDEX_TABLES: [&str; 3] = ["search_terms", "search_dates", "search_numbers"];
     match filter {
         CandidateFilter::Ids(ids) => {
             if ids.is_empty() {
@@ -1627,17 +1664,34 @@ fn filter_condition(
             let alternatives = range_alternatives(any_of, binds, Bind::Real);
             rows_of("search_numbers", &param, alternatives)
         }
+        // Absence is probed whatever the role: there are no rows to drive from.
         CandidateFilter::Missing { param } => {
-            format!(
-                "(h.resource_type, h.resource_id) NOT IN ({})",
-                rows_of_param(param)
-            )
+            let param = binds.text(param);
+            let probes: Vec<String> = INDEX_TABLES
+                .iter()
+                .map(|table| format!("NOT {}", of_head(table, &param, "")))
+                .collect();
+            format!("({})", probes.join(" AND "))
         }
         CandidateFilter::Present { param } => {
-            format!(
-                "(h.resource_type, h.resource_id) IN ({})",
-                rows_of_param(param)
-            )
+            let param = binds.text(param);
+            match role {
+                FilterRole::Drives => format!(
+                    "(h.resource_type, h.resource_id) IN ({})",
+                    INDEX_TABLES
+                        .iter()
+                        .map(|table| of_types_rows(table, &param, ""))
+                        .collect::<Vec<_>>()
+                        .join(" UNION ALL ")
+                ),
+                FilterRole::Probes => {
+                    let probes: Vec<String> = INDEX_TABLES
+                        .iter()
+                        .map(|table| of_head(table, &param, ""))
+                        .collect();
+                    format!("({})", probes.join(" OR "))
+                }
+            }
         }
     }
 }
@@ -1891,7 +1945,53 @@ fn decode_checkpoint(row: &AnyRow) -> StoreResult<Checkpoint> {
 
 #[cfg(test)]
 mod tests {
-    use super::{insert_chunk_sizes, unfold_versions, MAX_ROWS_PER_INSERT};
+    use super::{candidate_statement, insert_chunk_sizes, unfold_versions, MAX_ROWS_PER_INSERT};
+    use crate::store::{CandidateFilter, CandidateQuery, RangeBounds, Scope};
+
+    fn statement_of(filters: Vec<CandidateFilter>) -> String {
+        let query = CandidateQuery {
+            resource_types: vec!["Observation".into()],
+            filters,
+            after: None,
+            limit: 50,
+        };
+        candidate_statement(&Scope::system("t"), &query, true).0
+    }
+
+    #[test]
+    fn the_first_filter_drives_and_the_others_are_probed_per_candidate() {
+        let patient = CandidateFilter::Terms {
+            param: "patient".into(),
+            terms: vec!["r:Patient/p1".into()],
+        };
+        let since_2020 = CandidateFilter::Dates {
+            param: "date".into(),
+            any_of: vec![RangeBounds {
+                high_above: Some(1_577_836_800_000_000),
+                ..RangeBounds::default()
+            }],
+        };
+        let absent = CandidateFilter::Missing {
+            param: "value-quantity".into(),
+        };
+        let statement = statement_of(vec![patient.clone(), since_2020.clone(), absent]);
+        // The patient's index rows are looked up once; the date range, which may hold most
+        // Observations, is only probed for each of them (never materialized whole).
+        assert_eq!(statement.matches("IN (SELECT").count(), 1, "{statement}");
+        let driver = statement.find("IN (SELECT x.resource_type, x.resource_id FROM search_terms");
+        let date_probe = statement.find("EXISTS (SELECT 1 FROM search_dates");
+        assert!(driver.is_some() && date_probe.is_some(), "{statement}");
+        assert_eq!(statement.matches("NOT EXISTS").count(), 3, "{statement}");
+
+        // An id list pins the heads down: every index filter is a probe.
+        let by_ids = statement_of(vec![
+            CandidateFilter::Ids(vec!["o1".into(), "o2".into()]),
+            patient,
+            since_2020,
+        ]);
+        assert!(!by_ids.contains("IN (SELECT"), "{by_ids}");
+        assert_eq!(by_ids.matches("EXISTS (SELECT 1").count(), 2, "{by_ids}");
+    }
 
     #[test]
     fn insert_chunks_cover_every_row_with_few_statement_shapes() {
