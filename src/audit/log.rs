@@ -255,20 +255,34 @@ pub fn start_checkpointer(
 ) {
     tokio::spawn(async move {
         let mut last_written = std::time::Instant::now();
+        // The tree as of this process's last checkpoint, extended at the next one.
+        let mut frontier = Frontier::new();
         let mut ticks = 0u32;
         loop {
-            // Records take their place in the log within ~100 ms of their commit.
+            // Records take their place in the log within ~100 ms of their commit; one that
+            // commits with an id below records already placed, within about a second.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if let Err(error) = sequence_all(&*store).await {
+            ticks = ticks.wrapping_add(1);
+            let lookback = if ticks.is_multiple_of(10) {
+                LATE_COMMIT_LOOKBACK
+            } else {
+                0
+            };
+            if let Err(error) = sequence_up_to_date(&*store, lookback).await {
                 tracing::warn!(%error, "audit records not sequenced");
                 continue;
             }
-            ticks = ticks.wrapping_add(1);
             if !ticks.is_multiple_of(5) {
                 continue;
             }
-            if let Err(error) =
-                checkpoint_if_due(&*store, &signer, every_records, every, &mut last_written).await
+            if let Err(error) = checkpoint_if_due(
+                &*store,
+                &signer,
+                (every_records, every),
+                &mut frontier,
+                &mut last_written,
+            )
+            .await
             {
                 tracing::warn!(%error, "audit checkpoint not written");
             }
@@ -276,11 +290,13 @@ pub fn start_checkpointer(
     });
 }
 
+/// Writes a checkpoint when `every_records` records, or `every` time with at least one record,
+/// came after the last one.
 async fn checkpoint_if_due(
     store: &dyn Store,
     signer: &CheckpointSigner,
-    every_records: i64,
-    every: Duration,
+    (every_records, every): (i64, Duration),
+    frontier: &mut Frontier,
     last_written: &mut std::time::Instant,
 ) -> Result<(), StoreError> {
     let size = store.audit_size().await?;
@@ -294,7 +310,7 @@ async fn checkpoint_if_due(
     if !due {
         return Ok(());
     }
-    let checkpoint = checkpoint_now(store, signer, size).await?;
+    let checkpoint = checkpoint_extending(store, signer, frontier, size).await?;
     store.insert_checkpoint(&checkpoint).await?;
     *last_written = std::time::Instant::now();
     Ok(())
@@ -305,7 +321,20 @@ async fn checkpoint_if_due(
 /// # Errors
 /// When the store refuses.
 pub async fn sequence_all(store: &dyn Store) -> Result<(), StoreError> {
-    while store.sequence_pending(10_000).await? == 10_000 {}
+    sequence_up_to_date(store, LATE_COMMIT_LOOKBACK).await
+}
+
+/// How far below the highest placed record id a sequencer looks for records that committed
+/// late (far more ids than can be in flight at once).
+const LATE_COMMIT_LOOKBACK: i64 = 10_000;
+
+/// Records one sequencing statement places at most.
+const SEQUENCE_BATCH: i64 = 10_000;
+
+/// Places committed records in batches until none is left, looking back `lookback` ids for
+/// late commits (see [`Store::sequence_pending`]).
+async fn sequence_up_to_date(store: &dyn Store, lookback: i64) -> Result<(), StoreError> {
+    while store.sequence_pending(SEQUENCE_BATCH, lookback).await? == SEQUENCE_BATCH {}
     Ok(())
 }
 
@@ -318,8 +347,23 @@ pub async fn checkpoint_now(
     signer: &CheckpointSigner,
     size: i64,
 ) -> Result<Checkpoint, StoreError> {
-    let mut frontier = Frontier::new();
-    let mut from = 0;
+    checkpoint_extending(store, signer, &mut Frontier::new(), size).await
+}
+
+/// Signs the tree of the first `size` records, reading only the leaves `frontier` does not
+/// hold yet and extending it: placed leaves never change, so a checkpointer that keeps its
+/// frontier reads each leaf once instead of the whole log per checkpoint. A frontier larger
+/// than `size` (another process's smaller tree) is not usable and is rebuilt from the start.
+async fn checkpoint_extending(
+    store: &dyn Store,
+    signer: &CheckpointSigner,
+    frontier: &mut Frontier,
+    size: i64,
+) -> Result<Checkpoint, StoreError> {
+    if i64::try_from(frontier.size()).map_or(true, |held| held > size) {
+        *frontier = Frontier::new();
+    }
+    let mut from = i64::try_from(frontier.size()).unwrap_or_default();
     while from < size {
         let page = store.audit_leaves(from, (size - from).min(10_000)).await?;
         if page.is_empty() {
@@ -329,6 +373,11 @@ pub async fn checkpoint_now(
             frontier.push(*leaf);
         }
         from += page.len() as i64;
+    }
+    if from != size {
+        return Err(StoreError::Internal(format!(
+            "the log holds {from} leaves where {size} were counted"
+        )));
     }
     Ok(signer.sign(
         size,

@@ -513,11 +513,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives committed records not yet in the log the next dense sequence numbers (at most
     /// `limit`), with their leaf hashes; one sequencer at a time across all processes. Returns
-    /// how many were placed.
+    /// how many were placed. It looks at the records above the highest record id placed, and
+    /// at the `lookback` ids below it: a transaction still open while later records were
+    /// placed commits with a lower id than theirs. With `lookback` 0 it only looks ahead, and
+    /// finds nothing new without a write.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
-    async fn sequence_pending(&self, limit: i64) -> StoreResult<i64>;
+    async fn sequence_pending(&self, limit: i64, lookback: i64) -> StoreResult<i64>;
 
     /// How many audit records the ordered log holds.
     ///
