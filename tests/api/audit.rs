@@ -330,9 +330,8 @@ async fn a_late_commit_is_placed_in_the_log(app: TestApp) {
              outcome, agent, patient, record FROM audit_records WHERE record_id = {highest};"
         )
     };
-    let placed = |record_id: i64| {
-        format!("SELECT COUNT(*) FROM audit_log WHERE record_id = {record_id}")
-    };
+    let placed =
+        |record_id: i64| format!("SELECT COUNT(*) FROM audit_log WHERE record_id = {record_id}");
     app.execute_script(&copy_with_id(highest + 2)).await;
     assert!(
         eventually_counts(&app, &placed(highest + 2), 1).await,
