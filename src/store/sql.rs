@@ -1560,17 +1560,12 @@ fn candidate_statement(
     // would materialize every subquery in full before joining: for a broad filter (the
     // Observations of a date range) that is most of an index table per search. No filter
     // drives when an id list already pins the heads down.
-    let driver = if query
+    let first_drives = !query
         .filters
         .iter()
-        .any(|filter| matches!(filter, CandidateFilter::Ids(_)))
-    {
-        None
-    } else {
-        Some(0)
-    };
+        .any(|filter| matches!(filter, CandidateFilter::Ids(_)));
     for (position, filter) in query.filters.iter().enumerate() {
-        let role = if driver == Some(position) {
+        let role = if position == 0 && first_drives {
             FilterRole::Drives
         } else {
             FilterRole::Probes
