@@ -290,7 +290,18 @@ fn register_target(
         ));
     }
     if let Some(full_url) = &entry.full_url {
-        references.insert(full_url.clone(), format!("{}/{id}", entry.resource_type));
+        // bdl-7: a fullUrl names one entry. Two write entries with the same one would leave
+        // every reference to it pointing at whichever registered last.
+        let target = format!("{}/{id}", entry.resource_type);
+        if references.insert(full_url.clone(), target).is_some() {
+            return Err(entry_error(
+                entry,
+                ApiError::invalid(
+                    IssueCode::Invalid,
+                    "another entry of this transaction has the same fullUrl (bdl-7)",
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -552,8 +552,10 @@ impl Validator {
                     return None;
                 }
             }
-            // Structure of the XHTML is fhirbolt's concern; a non-empty string is enough here.
-            Primitive::Xhtml => return None,
+            // Well-formed, one div: else the resource could be stored but never served as XML.
+            Primitive::Xhtml => {
+                return fhir_codec::check_xhtml(s).err().map(|error| error.message);
+            }
             Primitive::Code => {
                 if is_code(bytes) {
                     return None;

@@ -109,6 +109,23 @@ async fn invalid_content_is_located(app: TestApp) {
                    "effectiveDateTime": "2020-01-01T10:00:00"}),
             "Observation.effectiveDateTime",
         ),
+        // A narrative that is not one well-formed div could be stored but never served as XML
+        // (found by fuzzing resource_json).
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><b>Secret</div>"}}),
+            "Patient.text.div",
+        ),
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><p>Secret"}}),
+            "Patient.text.div",
+        ),
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<p xmlns=\"http://www.w3.org/1999/xhtml\">Secret</p>"}}),
+            "Patient.text.div",
+        ),
     ];
     for (resource, location) in cases {
         let resource_type = resource["resourceType"].as_str().unwrap();

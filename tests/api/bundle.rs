@@ -960,6 +960,32 @@ async fn a_failing_entry_leaves_nothing_behind(app: TestApp) {
 }
 both_backends!(all_or_nothing, super::a_failing_entry_leaves_nothing_behind);
 
+/// bdl-7: two write entries with one fullUrl make every reference to it ambiguous; the
+/// transaction is refused, naming the second entry, and writes nothing (found by fuzzing
+/// bundle_references).
+async fn a_fullurl_names_one_entry(app: TestApp) {
+    let shared = urn();
+    let bundle = transaction(vec![
+        create(&shared, patient("urn:test:dup", "first")),
+        create(&shared, patient("urn:test:dup", "second")),
+        create(&urn(), observation(&shared, "718-7")),
+    ]);
+    let before = rows(&app).await;
+    let (status, outcome) = post(&app, &bundle).await;
+    assert_eq!(status, 400, "{outcome}");
+    let message = diagnostics(&outcome);
+    assert!(
+        message.contains("entry 1") && message.contains("bdl-7"),
+        "{message}"
+    );
+    assert_eq!(
+        rows(&app).await,
+        before,
+        "nothing of a refused transaction stays"
+    );
+}
+both_backends!(duplicate_full_urls, super::a_fullurl_names_one_entry);
+
 // ---------------------------------------------------------------------------------------------
 // 4. Concurrent conditional creates.
 

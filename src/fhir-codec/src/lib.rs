@@ -147,6 +147,69 @@ pub fn json_to_xml(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
     })
 }
 
+/// Checks a narrative's `div` (an xhtml value, as it appears in JSON): one well-formed element
+/// named `div`, balanced and nested at most [`MAX_XML_DEPTH`] deep, with nothing but whitespace
+/// around it. A resource whose narrative is not such XHTML has no XML form (fhirbolt's writer
+/// parses the div into elements), so it would be stored but could never be served as XML.
+///
+/// # Errors
+/// A [`CodecError`] saying what is wrong, without repeating the narrative.
+pub fn check_xhtml(div: &str) -> Result<(), CodecError> {
+    use quick_xml::events::Event;
+    let invalid = |what: &str| CodecError {
+        message: format!("the narrative div is not well-formed XHTML: {what}"),
+        location: None,
+    };
+    let mut reader = quick_xml::Reader::from_str(div);
+    reader.check_end_names(true);
+    let mut depth = 0usize;
+    let mut roots = 0usize;
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|_| invalid("malformed markup"))?;
+        match event {
+            Event::Start(start) => {
+                if depth == 0 {
+                    roots += 1;
+                    if start.local_name().as_ref() != b"div" {
+                        return Err(invalid("the root element must be div"));
+                    }
+                }
+                depth += 1;
+                if depth > MAX_XML_DEPTH {
+                    return Err(invalid("nested too deeply"));
+                }
+            }
+            Event::Empty(empty) if depth == 0 => {
+                roots += 1;
+                if empty.local_name().as_ref() != b"div" {
+                    return Err(invalid("the root element must be div"));
+                }
+            }
+            Event::End(_) => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| invalid("an end tag without its start"))?;
+            }
+            Event::Text(text) if depth == 0 => {
+                if !text.iter().all(u8::is_ascii_whitespace) {
+                    return Err(invalid("text outside the div"));
+                }
+            }
+            Event::CData(_) if depth == 0 => return Err(invalid("text outside the div")),
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    match (depth, roots) {
+        (0, 1) => Ok(()),
+        (0, 0) => Err(invalid("no div element")),
+        (0, _) => Err(invalid("more than one root element")),
+        _ => Err(invalid("an element is not closed")),
+    }
+}
+
 /// Rejects XML nested deeper than [`MAX_XML_DEPTH`] before the recursive parser sees it.
 fn check_xml_depth(bytes: &[u8]) -> Result<(), CodecError> {
     use quick_xml::events::Event;
