@@ -192,10 +192,8 @@ pub fn check_xhtml(div: &str) -> Result<(), CodecError> {
                     .checked_sub(1)
                     .ok_or_else(|| invalid("an end tag without its start"))?;
             }
-            Event::Text(text) if depth == 0 => {
-                if !text.iter().all(u8::is_ascii_whitespace) {
-                    return Err(invalid("text outside the div"));
-                }
+            Event::Text(text) if depth == 0 && !text.iter().all(u8::is_ascii_whitespace) => {
+                return Err(invalid("text outside the div"));
             }
             Event::CData(_) if depth == 0 => return Err(invalid("text outside the div")),
             Event::Eof => break,
