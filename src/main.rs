@@ -2,8 +2,7 @@
 
 use clap::Parser;
 
-// See Cargo.toml: with glibc's malloc the server's RSS crept up under a long mixed load while
-// its live heap stayed flat.
+// jemalloc, not glibc's malloc: faster ingest and a flatter RSS under long load (see Cargo.toml).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
