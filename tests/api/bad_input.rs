@@ -126,6 +126,11 @@ async fn invalid_content_is_located(app: TestApp) {
                    "div": "<p xmlns=\"http://www.w3.org/1999/xhtml\">Secret</p>"}}),
             "Patient.text.div",
         ),
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<div xmlns=\"http://www.w6.org/1999/xhtml\">Secret</div>"}}),
+            "Patient.text.div",
+        ),
     ];
     for (resource, location) in cases {
         let resource_type = resource["resourceType"].as_str().unwrap();

@@ -172,9 +172,7 @@ pub fn check_xhtml(div: &str) -> Result<(), CodecError> {
             Event::Start(start) => {
                 if depth == 0 {
                     roots += 1;
-                    if start.local_name().as_ref() != b"div" {
-                        return Err(invalid("the root element must be div"));
-                    }
+                    check_xhtml_root(&start).map_err(invalid)?;
                 }
                 depth += 1;
                 if depth > MAX_XML_DEPTH {
@@ -183,9 +181,7 @@ pub fn check_xhtml(div: &str) -> Result<(), CodecError> {
             }
             Event::Empty(empty) if depth == 0 => {
                 roots += 1;
-                if empty.local_name().as_ref() != b"div" {
-                    return Err(invalid("the root element must be div"));
-                }
+                check_xhtml_root(&empty).map_err(invalid)?;
             }
             Event::End(_) => {
                 depth = depth
@@ -205,6 +201,20 @@ pub fn check_xhtml(div: &str) -> Result<(), CodecError> {
         (0, 0) => Err(invalid("no div element")),
         (0, _) => Err(invalid("more than one root element")),
         _ => Err(invalid("an element is not closed")),
+    }
+}
+
+/// The narrative's root: a `div` in the XHTML namespace (fhirbolt reads no other back).
+fn check_xhtml_root(root: &quick_xml::events::BytesStart) -> Result<(), &'static str> {
+    if root.local_name().as_ref() != b"div" {
+        return Err("the root element must be div");
+    }
+    let namespace = root
+        .try_get_attribute("xmlns")
+        .map_err(|_| "malformed attributes")?;
+    match namespace {
+        Some(attribute) if attribute.value.as_ref() == b"http://www.w3.org/1999/xhtml" => Ok(()),
+        _ => Err("the div must declare the XHTML namespace"),
     }
 }
 
