@@ -45,6 +45,10 @@ pub const MAX_CHAIN_MATCHES: usize = 1_000;
 /// a chain or `_has` is checked per candidate when the other criteria leave at most 1/this as
 /// many candidates as the inner search has in the index.
 const PER_CANDIDATE_COST: usize = 4;
+/// How far the outer candidates of a chain or `_has` are counted: far enough that a list of
+/// inner matches (at most [`MAX_EVALUATED`] decryptions) is never judged dearer than checking
+/// this many outer candidates one by one.
+const MAX_OUTER_COUNT: usize = MAX_EVALUATED / PER_CANDIDATE_COST;
 /// Most resources `_include`/`_revinclude` add to one page.
 pub const MAX_INCLUDED: usize = 1_000;
 /// Rounds of `:iterate`.
@@ -310,9 +314,9 @@ impl<'a> Search<'a> {
     /// inner search decrypts and re-checks each of them), or checked per candidate that the
     /// other criteria leave (one small inner search each). Which one is cheaper depends on the
     /// two sizes, so both are estimated from the index alone before anything is decrypted:
-    /// per candidate when the inner search has more than [`MAX_CHAIN_MATCHES`] index
-    /// candidates, or when the other criteria leave far fewer candidates than it has. Both
-    /// ways give the same, exact, result.
+    /// per candidate when the other criteria (or, without any, the searched type itself) leave
+    /// far fewer candidates than the inner search has, or when the list proves longer than
+    /// [`MAX_CHAIN_MATCHES`]. Both ways give the same, exact, result.
     async fn resolve(&self, types: &[String], criteria: &[Criterion]) -> ApiResult<Vec<Check>> {
         let mut checks = Vec::with_capacity(criteria.len());
         let outer_filters = self.plain_filters(criteria)?;
@@ -471,18 +475,16 @@ impl<'a> Search<'a> {
         if !matches!(inner, Criterion::Plain { .. }) {
             return Ok(false);
         }
-        // Per candidate when the inner search has more than this many index candidates.
-        let mut worth_it = MAX_CHAIN_MATCHES;
-        if !outer_filters.is_empty() {
-            let outer_count = self
-                .count_candidates(
-                    types,
-                    outer_filters.to_vec(),
-                    MAX_CHAIN_MATCHES / PER_CANDIDATE_COST + 1,
-                )
-                .await?;
-            worth_it = worth_it.min(outer_count * PER_CANDIDATE_COST);
-        }
+        // The outer side is counted even without filters of its own (then it is every resource
+        // of the type): a broad inner criterion alone does not make per-candidate checks cheap.
+        // At 10,000 patients `Observation?subject:Patient.name=…` has about 1,250 index
+        // candidates for 11 patients; checked per Observation, it read hundreds of thousands
+        // of them and ran past the request timeout, where the list costs 1,250 decryptions.
+        let outer_count = self
+            .count_candidates(types, outer_filters.to_vec(), MAX_OUTER_COUNT + 1)
+            .await?;
+        // Per candidate when the inner search has more index candidates than this.
+        let worth_it = outer_count * PER_CANDIDATE_COST;
         let inner_types = inner_search.types();
         let inner_filters = inner_search.plain_filters(std::slice::from_ref(inner))?;
         let inner_count = inner_search
