@@ -15,7 +15,7 @@
 export CUSTODIAN_RATE_LIMIT__CLIENT_PER_SEC=0 CUSTODIAN_RATE_LIMIT__UNAUTHENTICATED_PER_SEC=0
 
 postgres_host="${postgres_host:-127.0.0.1}"
-postgres_port="${postgres_port:-5432}"
+postgres_port="${BENCH_POSTGRES_PORT:-${postgres_port:-5432}}"
 ready_timeout_secs="${ready_timeout_secs:-60}"
 shutdown_timeout_secs="${shutdown_timeout_secs:-30}"
 server_pid="${server_pid:-}"
