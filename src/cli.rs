@@ -50,6 +50,10 @@ pub struct ImportArgs {
     /// No progress bar (it is also hidden when standard error is not a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Bundles (or runs of 100 NDJSON lines) imported at once; default four per CPU core.
+    /// Bundles without a Patient entry always go first, one after the other.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: Option<u16>,
     /// Files or directories (walked in name order for `*.json` and `*.ndjson`).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
