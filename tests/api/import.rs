@@ -344,3 +344,52 @@ both_backends!(
     conditional_references,
     super::conditional_references_between_bundles
 );
+
+/// Patient Bundles are imported concurrently (`--jobs`); when several carry the same `POST`
+/// (one `fullUrl`, so one deterministic id), the first to claim it creates it and the others
+/// count it as unchanged: one version, no update, as when the files go one after the other.
+async fn a_repeated_post_is_created_once_by_concurrent_bundles(app: TestApp) {
+    let clinic = "urn:uuid:5d0c7a1e-0000-4000-8000-0000000000aa";
+    let bundles: Vec<(String, Value)> = (0..12)
+        .map(|copy| {
+            let bundle = serde_json::json!({
+                "resourceType": "Bundle", "type": "transaction",
+                "entry": [
+                    {"fullUrl": clinic,
+                     "resource": {"resourceType": "Organization", "name": "Shared clinic"},
+                     "request": {"method": "POST", "url": "Organization"}},
+                    {"fullUrl": format!("urn:uuid:5d0c7a1e-0000-4000-8000-{copy:012}"),
+                     "resource": {"resourceType": "Patient", "gender": "other",
+                                  "managingOrganization": {"reference": clinic}},
+                     "request": {"method": "POST", "url": "Patient"}}
+                ]
+            });
+            (format!("patient-{copy:02}.json"), bundle)
+        })
+        .collect();
+    let files: Vec<(&str, Value)> = bundles
+        .iter()
+        .map(|(name, bundle)| (name.as_str(), bundle.clone()))
+        .collect();
+    let directory = directory_of(&files);
+
+    let run = import(&app, &[&directory]);
+    std::fs::remove_dir_all(&directory).ok();
+    assert!(run.success, "{}{}", run.stdout, run.stderr);
+    assert_eq!(totals(&run), [13, 0, 11, 0], "{}", run.stdout);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM resource_versions WHERE resource_type = 'Organization'")
+            .await,
+        1,
+        "one version of the shared Organization"
+    );
+    // Every patient refers to that one Organization.
+    let organization = app.get_json("Organization", 200).await;
+    let organization_id = organization["entry"][0]["resource"]["id"].as_str().unwrap();
+    let referring = format!("Patient?organization=Organization/{organization_id}");
+    assert_eq!(total(&app, &referring).await, 12);
+}
+both_backends!(
+    repeated_post,
+    super::a_repeated_post_is_created_once_by_concurrent_bundles
+);
