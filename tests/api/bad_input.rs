@@ -131,6 +131,22 @@ async fn invalid_content_is_located(app: TestApp) {
                    "div": "<div xmlns=\"http://www.w6.org/1999/xhtml\">Secret</div>"}}),
             "Patient.text.div",
         ),
+        // Attributes must be well-formed, on the div and inside it.
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"mA>Secret</div>"}}),
+            "Patient.text.div",
+        ),
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><p class=\"a\" class=\"b\">Secret</p></div>"}}),
+            "Patient.text.div",
+        ),
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><br clear/>Secret</div>"}}),
+            "Patient.text.div",
+        ),
     ];
     for (resource, location) in cases {
         let resource_type = resource["resourceType"].as_str().unwrap();
