@@ -147,6 +147,12 @@ async fn invalid_content_is_located(app: TestApp) {
                    "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><br clear/>Secret</div>"}}),
             "Patient.text.div",
         ),
+        // A byte order mark before the div would not survive the XML form.
+        (
+            json!({"resourceType": "Patient", "text": {"status": "generated",
+                   "div": "\u{feff}<div xmlns=\"http://www.w3.org/1999/xhtml\">Secret</div>"}}),
+            "Patient.text.div",
+        ),
     ];
     for (resource, location) in cases {
         let resource_type = resource["resourceType"].as_str().unwrap();
