@@ -483,10 +483,11 @@ impl Importer {
         jobs: usize,
         numbering: (usize, usize),
     ) -> Result<(), Stop> {
+        let jobs = jobs.max(1);
         let (sender, receiver) = tokio::sync::mpsc::channel::<Unit>(jobs * 2);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let stopping = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..jobs.max(1))
+        let workers: Vec<_> = (0..jobs)
             .map(|_| {
                 let mut worker = self.sibling();
                 let (receiver, stopping) = (receiver.clone(), stopping.clone());
@@ -498,8 +499,9 @@ impl Importer {
             .collect();
         // Only the workers hold the receiver: once they have all stopped, sending fails.
         drop(receiver);
-        let mut outcome = self.dispatch(files, &sender, &stopping, numbering).await;
+        self.dispatch(files, &sender, &stopping, numbering).await;
         drop(sender);
+        let mut outcome = Ok(());
         for worker in workers {
             let result = match worker.await {
                 Ok((tally, result)) => {
@@ -522,7 +524,7 @@ impl Importer {
         sender: &tokio::sync::mpsc::Sender<Unit>,
         stopping: &AtomicBool,
         (before, all): (usize, usize),
-    ) -> Result<(), Stop> {
+    ) {
         let send = |unit: Unit| async move {
             !stopping.load(Ordering::Relaxed) && sender.send(unit).await.is_ok()
         };
@@ -543,7 +545,6 @@ impl Importer {
                 break;
             }
         }
-        Ok(())
     }
 
     /// Hands out the non-blank lines of an NDJSON file, [`CHUNK`] at a time. A file that cannot
