@@ -71,6 +71,15 @@ pub fn parse_resource(
             .at("resourceType")]))
         }
     }
+    // FHIR JSON never has an empty array (an absent element is left out); fhirbolt panics on
+    // one (found by fuzzing `resource_json`: `"meta": {"security": []}` answered 500).
+    if let Some(path) = empty_array_path(&value, resource_type_of(&value)) {
+        return Err(ApiError::Invalid(vec![Issue::new(
+            IssueCode::Structure,
+            "an array must not be empty (leave the element out instead)",
+        )
+        .at(path)]));
+    }
     // The validator runs before fhirbolt: it knows each element's type and says exactly where a
     // value is wrong, which fhirbolt (it buffers the resource before typing it) cannot.
     let issues: Vec<Issue> = validator
@@ -94,5 +103,32 @@ pub fn parse_resource(
     match value {
         Value::Object(object) => Ok(object),
         _ => unreachable!("checked to be an object above"),
+    }
+}
+
+fn resource_type_of(value: &Value) -> String {
+    value
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The path (`Type.element.element`) of the first empty array in `value`, if any.
+fn empty_array_path(value: &Value, path: String) -> Option<String> {
+    match value {
+        Value::Array(items) if items.is_empty() => Some(path),
+        Value::Array(items) => items
+            .iter()
+            .find_map(|item| empty_array_path(item, path.clone())),
+        Value::Object(members) => members.iter().find_map(|(name, member)| {
+            let path = if member.get("resourceType").is_some() {
+                resource_type_of(member)
+            } else {
+                format!("{path}.{name}")
+            };
+            empty_array_path(member, path)
+        }),
+        _ => None,
     }
 }

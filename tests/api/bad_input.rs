@@ -147,6 +147,11 @@ async fn invalid_content_is_located(app: TestApp) {
                    "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><br clear/>Secret</div>"}}),
             "Patient.text.div",
         ),
+        // FHIR JSON has no empty arrays (found by fuzzing: answered 500).
+        (
+            json!({"resourceType": "Patient", "meta": {"security": []}, "gender": "male"}),
+            "Patient.meta.security",
+        ),
         // A byte order mark before the div would not survive the XML form.
         (
             json!({"resourceType": "Patient", "text": {"status": "generated",
