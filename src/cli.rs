@@ -187,9 +187,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Erasure(command) => erasure(settings, command).await,
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
-            let store = SqlStore::connect(&settings.database_url(), 1)
-                .await
-                .map_err(|error| format!("cannot open the database: {error}"))?;
+            let store =
+                SqlStore::connect(&settings.database_url(), 1, settings.statement_timeout())
+                    .await
+                    .map_err(|error| format!("cannot open the database: {error}"))?;
             store.migrate().await.map_err(|error| error.to_string())?;
             store.close().await;
             println!("migrations applied ({})", settings.database_kind());
@@ -207,7 +208,7 @@ async fn keys(settings: Settings, command: KeysCommand) -> Result<(), String> {
 
     std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
     let store = Arc::new(
-        SqlStore::connect(&settings.database_url(), 2)
+        SqlStore::connect(&settings.database_url(), 2, settings.statement_timeout())
             .await
             .map_err(|error| format!("cannot open the database: {error}"))?,
     );
@@ -294,7 +295,7 @@ async fn erasure(settings: Settings, command: ErasureCommand) -> Result<(), Stri
     use crate::store::{LegalHold, Scope, Store};
 
     std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
-    let store = SqlStore::connect(&settings.database_url(), 2)
+    let store = SqlStore::connect(&settings.database_url(), 2, settings.statement_timeout())
         .await
         .map_err(|error| format!("cannot open the database: {error}"))?;
     store.migrate().await.map_err(|error| error.to_string())?;
@@ -412,7 +413,7 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
     use crate::store::Store;
     use base64::Engine;
 
-    let store = SqlStore::connect(&settings.database_url(), 2)
+    let store = SqlStore::connect(&settings.database_url(), 2, settings.statement_timeout())
         .await
         .map_err(|error| format!("cannot open the database: {error}"))?;
     store.migrate().await.map_err(|error| error.to_string())?;

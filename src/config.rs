@@ -43,6 +43,11 @@ pub struct Settings {
     pub max_bundle_entries: usize,
     /// Seconds after which a request is abandoned with 503 (`CUSTODIAN_REQUEST_TIMEOUT_SECS`).
     pub request_timeout_secs: u64,
+    /// Seconds after which PostgreSQL cancels one statement of this process
+    /// (`CUSTODIAN_STATEMENT_TIMEOUT_SECS`, default 30; 0 = no limit). A request abandoned at
+    /// its timeout drops its connection, but PostgreSQL would go on running the statement (or
+    /// waiting for a lock) until it ends; this bounds it. Migrations run without the limit.
+    pub statement_timeout_secs: u64,
     /// Default and maximum page size of history bundles (`CUSTODIAN_PAGE_SIZE`,
     /// `CUSTODIAN_MAX_PAGE_SIZE`).
     pub page_size: usize,
@@ -327,6 +332,7 @@ impl Default for Settings {
             max_bundle_bytes: 64 * 1024 * 1024,
             max_bundle_entries: 10_000,
             request_timeout_secs: 30,
+            statement_timeout_secs: 30,
             page_size: 50,
             max_page_size: 500,
             log_format: LogFormat::Text,
@@ -350,6 +356,7 @@ impl std::fmt::Debug for Settings {
             .field("data_dir", &self.data_dir)
             .field("database", &self.database_kind())
             .field("max_connections", &self.max_connections)
+            .field("statement_timeout_secs", &self.statement_timeout_secs)
             .field("base_url", &self.base_url)
             .field("profiles_dir", &self.profiles_dir)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -398,6 +405,12 @@ impl Settings {
                 SecretString::from(format!("sqlite://{}?mode=rwc", file.display()))
             }
         }
+    }
+
+    /// The limit on one PostgreSQL statement (see `statement_timeout_secs`); `None`: no limit.
+    pub fn statement_timeout(&self) -> Option<std::time::Duration> {
+        (self.statement_timeout_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.statement_timeout_secs))
     }
 
     /// The checkpoint signing key file.

@@ -124,9 +124,13 @@ async fn assemble(
         )
     })?;
     let store = Arc::new(
-        SqlStore::connect(&settings.database_url(), settings.max_connections)
-            .await
-            .map_err(|error| format!("cannot open the database: {error}"))?,
+        SqlStore::connect(
+            &settings.database_url(),
+            settings.max_connections,
+            settings.statement_timeout(),
+        )
+        .await
+        .map_err(|error| format!("cannot open the database: {error}"))?,
     );
     if settings.migrate_on_start {
         store

@@ -47,6 +47,11 @@ pub struct SqlStore {
     writer_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// PostgreSQL's per-session limit on one statement, in milliseconds (0: none).
+fn statement_timeout_statement(milliseconds: u128) -> String {
+    format!("SET statement_timeout = {milliseconds}")
+}
+
 /// Longest wait for SQLite's writer turn before a write is answered as unavailable (503).
 const WRITER_TURN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -57,11 +62,17 @@ const VERSION_COLUMNS: &str =
 impl SqlStore {
     /// Connects to `database_url` (`sqlite://…` or `postgres://…`). For SQLite the file and its
     /// directory are created when missing and the journal is switched to WAL, so that readers
-    /// never wait for the writer.
+    /// never wait for the writer. On PostgreSQL every connection gets `statement_timeout`
+    /// (when given): a request abandoned at its timeout drops its connection, but the server
+    /// would otherwise go on running its statement, or waiting for a lock, indefinitely.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached or created.
-    pub async fn connect(database_url: &SecretString, max_connections: u32) -> StoreResult<Self> {
+    pub async fn connect(
+        database_url: &SecretString,
+        max_connections: u32,
+        statement_timeout: Option<Duration>,
+    ) -> StoreResult<Self> {
         sqlx::any::install_default_drivers();
         let url = database_url.expose_secret();
         let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -76,15 +87,23 @@ impl SqlStore {
         if backend == Backend::Sqlite {
             create_sqlite_parent_dir(url)?;
         }
+        let session_setup: Arc<str> = match (backend, statement_timeout) {
+            // Erasure: deleted rows are overwritten with zeros in the file instead of
+            // lingering on free pages until reused.
+            (Backend::Sqlite, _) => "PRAGMA secure_delete = ON".into(),
+            (Backend::Postgres, Some(limit)) => {
+                statement_timeout_statement(limit.as_millis()).into()
+            }
+            (Backend::Postgres, None) => "".into(),
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |connection, _| {
+                let session_setup = session_setup.clone();
                 Box::pin(async move {
-                    // Erasure: deleted rows are overwritten with zeros in the file instead of
-                    // lingering on free pages until reused.
-                    if backend == Backend::Sqlite {
-                        sqlx::query("PRAGMA secure_delete = ON")
+                    if !session_setup.is_empty() {
+                        sqlx::query(&session_setup)
                             .execute(&mut *connection)
                             .await?;
                     }
@@ -107,20 +126,36 @@ impl SqlStore {
         })
     }
 
-    /// Applies the backend's pending migrations.
+    /// Applies the backend's pending migrations. On PostgreSQL they run on a connection of
+    /// their own without the statement limit (an index built over a large table may take
+    /// minutes), which is closed afterwards instead of going back to the pool.
     ///
     /// # Errors
     /// [`StoreError::Internal`] when a migration fails or the database holds migrations this
     /// build does not know.
     pub async fn migrate(&self) -> StoreResult<()> {
-        let migrator = match self.backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        let migration_failed = |error: sqlx::migrate::MigrateError| {
+            StoreError::Internal(format!("migration failed: {error}"))
         };
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|error| StoreError::Internal(format!("migration failed: {error}")))
+        match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS
+                .run(&self.pool)
+                .await
+                .map_err(migration_failed),
+            Backend::Postgres => {
+                let mut connection = self.pool.acquire().await.map_err(classify)?.detach();
+                sqlx::query(&statement_timeout_statement(0))
+                    .execute(&mut connection)
+                    .await
+                    .map_err(classify)?;
+                let applied = POSTGRES_MIGRATIONS
+                    .run(&mut connection)
+                    .await
+                    .map_err(migration_failed);
+                let _ = sqlx::Connection::close(connection).await;
+                applied
+            }
+        }
     }
 
     /// Closes every connection (graceful shutdown).

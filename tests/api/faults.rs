@@ -16,6 +16,9 @@
 //!   server during a Bulk Data export: acknowledged writes survive, `custodian audit verify`
 //!   passes, a re-run of the import completes without writing anything twice, and the export
 //!   ends (completed or failed), never stuck.
+//! - [`statement_of_a_timed_out_request_is_cancelled`]: a read blocked on a lock past the
+//!   request timeout answers 503, and its statement is cancelled by PostgreSQL at the
+//!   configured limit rather than left waiting; the server serves the read once the lock is gone.
 //! - [`two_server_processes_race_on_if_match`]: two server processes on one database, racing
 //!   conditional updates with the same `If-Match` under background load: exactly one winner
 //!   per race, no lost update, one audit tree that verifies.
@@ -1021,6 +1024,79 @@ fn ndjson_keys(directory: &Path) -> BTreeSet<String> {
         }
     }
     keys
+}
+
+/// A request abandoned at its timeout while its statement waits for a lock held elsewhere:
+/// the server answers 503, and PostgreSQL cancels the statement at the statement limit
+/// instead of keeping it (and a backend) waiting for as long as the lock is held. Once the lock
+/// is gone the same read succeeds, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_of_a_timed_out_request_is_cancelled() {
+    let Some(app) = spawn_app_with(Backend::Postgres, |settings| {
+        settings.request_timeout_secs = 1;
+        settings.statement_timeout_secs = 3;
+    })
+    .await
+    else {
+        return;
+    };
+    let id = app
+        .create_id(&json!({"resourceType": "Patient", "gender": "female"}))
+        .await;
+    let waiting_for_a_lock = "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock' \
+         AND pid <> pg_backend_pid()";
+
+    let mut locker = Db::connect(&app.database_url).await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE resource_heads, resource_versions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker.connection)
+        .await
+        .expect("lock the resource tables");
+    let asked = Instant::now();
+    let answer = app.get(&format!("/Patient/{id}")).await;
+    let answered_after = asked.elapsed();
+    assert_eq!(
+        answer.status(),
+        503,
+        "a read blocked past the request timeout"
+    );
+    assert!(
+        !answer.text().await.unwrap_or_default().contains(&id),
+        "the 503 carries no resource"
+    );
+
+    let mut watcher = Db::connect(&app.database_url).await;
+    assert!(
+        watcher.count(waiting_for_a_lock).await >= 1,
+        "the abandoned read's statement is still waiting right after the 503"
+    );
+    let deadline = Deadline::after(
+        Duration::from_secs(10),
+        "PostgreSQL to cancel the abandoned statement while the lock is still held",
+    );
+    while watcher.count(waiting_for_a_lock).await > 0 {
+        deadline.tick().await;
+    }
+    let cancelled_after = asked.elapsed();
+    assert!(
+        cancelled_after >= Duration::from_secs(3),
+        "cancelled by the 3 s statement limit, not before (after {cancelled_after:?})"
+    );
+
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker.connection)
+        .await
+        .expect("release the lock");
+    let again = app.get(&format!("/Patient/{id}")).await;
+    assert_eq!(
+        again.status(),
+        200,
+        "the read succeeds once the lock is gone"
+    );
+    println!(
+        "fault-figures: statement-timeout: 503 after {answered_after:?}, statement cancelled \
+         after {cancelled_after:?} with the lock still held"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
