@@ -176,6 +176,10 @@ pub struct AuditSettings {
     pub checkpoint_every_records: i64,
     /// … or after this many seconds with at least one new record.
     pub checkpoint_every_secs: u64,
+    /// Group-commit writers of reads' records on PostgreSQL (`CUSTODIAN_AUDIT__WRITERS`; SQLite
+    /// always has one). Fewer writers gather bigger batches: fewer commits, each waited for
+    /// longer.
+    pub writers: usize,
 }
 
 impl Default for AuditSettings {
@@ -186,6 +190,7 @@ impl Default for AuditSettings {
             query_key_file: None,
             checkpoint_every_records: 1000,
             checkpoint_every_secs: 60,
+            writers: 2,
         }
     }
 }

@@ -194,7 +194,7 @@ async fn assemble(
     let store_handle: Arc<dyn crate::store::Store> = store.clone();
     // SQLite takes one writer at a time; PostgreSQL overlaps concurrent commits.
     let audit_writers = if store.backend_name() == "postgres" {
-        4
+        settings.audit.writers.max(1)
     } else {
         1
     };

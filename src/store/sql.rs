@@ -246,6 +246,14 @@ impl SqlStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        if entries.len() <= AUDIT_EXACT_SHAPES {
+            // One statement is atomic by itself: no BEGIN and COMMIT round trips around it.
+            // Group commits are mostly this small (a few reads' records), and on PostgreSQL
+            // each round trip costs both processes a wake-up.
+            let _turn = self.sqlite_writer_turn().await?;
+            let mut connection = self.pool.acquire().await.map_err(classify)?;
+            return insert_audit_rows(&mut connection, entries).await;
+        }
         let (mut transaction, _turn) = self.begin().await?;
         let sequences = append_audit_in(&mut transaction, entries).await?;
         transaction.commit().await.map_err(classify)?;
@@ -1943,42 +1951,54 @@ async fn append_audit_in(
 ) -> StoreResult<Vec<i64>> {
     // Many rows per statement: a group commit costs a few round trips, not one per record, and
     // a few statement shapes (see insert_chunk_sizes).
-    const COLUMNS: usize = 9;
     let mut ids = Vec::with_capacity(entries.len());
     let mut rest = entries;
     for size in insert_chunk_sizes(entries.len()) {
         let (chunk, after) = rest.split_at(size);
         rest = after;
-        let statement = format!(
-            "INSERT INTO audit_records (tenant, recorded_us, interaction, resource_type, \
-               resource_id, outcome, agent, patient, record) VALUES {} RETURNING record_id",
-            values_placeholders(chunk.len(), COLUMNS)
-        );
-        let mut query = sqlx::query(&statement);
-        for entry in chunk {
-            query = query
-                .bind(entry.tenant.clone())
-                .bind(entry.recorded_us)
-                .bind(entry.interaction.clone())
-                .bind(entry.resource_type.clone())
-                .bind(entry.resource_id.clone())
-                .bind(entry.outcome)
-                .bind(entry.agent.clone())
-                .bind(entry.patient.clone())
-                .bind(entry.record.clone());
-        }
-        for row in query
-            .fetch_all(&mut **transaction)
-            .await
-            .map_err(classify)?
-        {
-            ids.push(
-                row.try_get("record_id")
-                    .map_err(|error| StoreError::Internal(error.to_string()))?,
-            );
-        }
+        ids.extend(insert_audit_rows(transaction, chunk).await?);
     }
     Ok(ids)
+}
+
+/// Group commits of up to this many records are one statement of their exact row count:
+/// a few dozen statement shapes, each prepared once per connection.
+const AUDIT_EXACT_SHAPES: usize = 32;
+
+/// Inserts `entries` as one multi-row statement and returns their record ids in order.
+async fn insert_audit_rows(
+    connection: &mut sqlx::AnyConnection,
+    entries: &[AuditEntry],
+) -> StoreResult<Vec<i64>> {
+    const COLUMNS: usize = 9;
+    let statement = format!(
+        "INSERT INTO audit_records (tenant, recorded_us, interaction, resource_type, \
+           resource_id, outcome, agent, patient, record) VALUES {} RETURNING record_id",
+        values_placeholders(entries.len(), COLUMNS)
+    );
+    let mut query = sqlx::query(&statement);
+    for entry in entries {
+        query = query
+            .bind(entry.tenant.clone())
+            .bind(entry.recorded_us)
+            .bind(entry.interaction.clone())
+            .bind(entry.resource_type.clone())
+            .bind(entry.resource_id.clone())
+            .bind(entry.outcome)
+            .bind(entry.agent.clone())
+            .bind(entry.patient.clone())
+            .bind(entry.record.clone());
+    }
+    query
+        .fetch_all(connection)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|row| {
+            row.try_get("record_id")
+                .map_err(|error| StoreError::Internal(error.to_string()))
+        })
+        .collect()
 }
 
 fn decode_audit(row: &AnyRow) -> StoreResult<StoredAudit> {
