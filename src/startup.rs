@@ -138,6 +138,13 @@ async fn assemble(
             .await
             .map_err(|error| format!("cannot migrate the database: {error}"))?;
     }
+    for warning in store
+        .server_setting_warnings()
+        .await
+        .map_err(|error| format!("cannot read the database's settings: {error}"))?
+    {
+        tracing::warn!("{warning}");
+    }
     let provider = crate::crypto::provider_from_settings(&settings).await?;
     let vault = Arc::new(Vault::new(
         provider,

@@ -1,7 +1,8 @@
 //! The real binary's log never holds PHI or secrets: it runs with debug logging while a request
 //! carries canary values (in the body, in an invalid body, in conditional criteria), the
 //! database URL carries a canary password and the requests carry a bearer token; then its whole
-//! output is searched for them.
+//! output is searched for them. It also shows the startup warning about the PostgreSQL
+//! server's settings.
 
 use std::io::Read as _;
 use std::process::{Command, Stdio};
@@ -180,6 +181,21 @@ async fn logs_hold_no_phi_and_no_secrets() {
         assert!(
             !log.contains(canary),
             "the log contains the canary {canary}"
+        );
+    }
+    // The startup check of the database server's settings names autovacuum when it is off
+    // (the server the suite runs against may have it either way), and nothing when it is on.
+    if postgres_up {
+        let shown = Command::new("psql")
+            .arg(format!("{postgres}/postgres"))
+            .args(["-Atc", "SHOW autovacuum"])
+            .output()
+            .expect("psql");
+        let autovacuum = String::from_utf8_lossy(&shown.stdout).trim().to_string();
+        assert_eq!(
+            log.contains("PostgreSQL has autovacuum = off"),
+            autovacuum == "off",
+            "autovacuum is {autovacuum}; the log: {log}"
         );
     }
 }
