@@ -55,6 +55,14 @@ struct Assembled {
     directives: Arc<Vec<Directive>>,
 }
 
+/// The `(id, version)` pairs of `before` that `now` no longer lists.
+fn superseded<'a>(
+    before: &'a [(String, i64)],
+    now: &'a [(String, i64)],
+) -> impl Iterator<Item = &'a (String, i64)> {
+    before.iter().filter(move |pair| !now.contains(pair))
+}
+
 /// How many compiled Consent versions a node keeps.
 const COMPILED_CACHE_ENTRIES: u64 = 100_000;
 
@@ -140,6 +148,17 @@ impl ConsentSource {
         if let Some(known) = self.assembled.get(&key) {
             if *known.versions == current.versions {
                 return Ok(known.directives);
+            }
+            // A version that stopped being current (replaced, withdrawn, deleted) is never
+            // asked for again: without this its compiled directive stayed until the cache was
+            // full, one entry per Consent change (the soak's RSS grew by them).
+            for (id, version) in superseded(&known.versions, &current.versions) {
+                self.compiled.invalidate(&(
+                    scope.tenant().to_string(),
+                    current.compartment.clone(),
+                    id.clone(),
+                    *version,
+                ));
             }
         }
         let mut directives = Vec::with_capacity(current.versions.len());
@@ -375,4 +394,26 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::superseded;
+
+    fn versions(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
+        pairs
+            .iter()
+            .map(|(id, v)| ((*id).to_string(), *v))
+            .collect()
+    }
+
+    #[test]
+    fn superseded_lists_the_versions_no_longer_current() {
+        let before = versions(&[("a", 1), ("b", 3), ("c", 1)]);
+        let now = versions(&[("a", 1), ("b", 4)]);
+        let gone: Vec<_> = superseded(&before, &now).cloned().collect();
+        assert_eq!(gone, versions(&[("b", 3), ("c", 1)]));
+        assert_eq!(superseded(&now, &now).count(), 0);
+        assert_eq!(superseded(&[], &now).count(), 0);
+    }
 }
