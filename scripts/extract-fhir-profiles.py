@@ -224,6 +224,10 @@ def build_elements(sds: list[dict], release_vs: set[str]) -> tuple[dict, dict]:
                 entry["s"] = 1
             if el.get("min", 0) > 0:
                 entry["m"] = 1
+            # FHIR JSON writes an element that may repeat as an array, always, and any other
+            # element never as one.
+            if el.get("max", "1") not in ("0", "1"):
+                entry["n"] = 1
             elements[path] = entry
     return kinds, elements
 
@@ -363,7 +367,8 @@ def main() -> int:
             "their FHIR type, e.g. 'string'; Resource.id is 'id' as defined on Resource), or "
             "r = contentReference ('#Questionnaire.item') in place of t; and b = canonical URL "
             "(version stripped) of the value set when the binding strength is required; s = 1 when "
-            "the element is part of the summary (isSummary), m = 1 when it is mandatory (min > 0). "
+            "the element is part of the summary (isSummary), m = 1 when it is mandatory (min > 0), "
+            "n = 1 when it may repeat (max above 1: an array in JSON). "
             "Type roots (e.g. 'Patient') are not listed as elements."
         ),
         "_notes": notes,

@@ -243,8 +243,9 @@ class ConsentHolder:
 
 class Soak:
     def __init__(self, client: bs.Client, dataset: bs.Dataset, patients: list[bs.PatientRef],
-                 holders: list[ConsentHolder]):
+                 holders: list[ConsentHolder], reads_only: bool = False):
         self.client = client
+        self.reads_only = reads_only
         self.patients = patients
         self.holders = holders
         self.practitioners = [resource_id for kind, resource_id, _ in dataset.shared if kind == "Practitioner"]
@@ -376,6 +377,9 @@ class Soak:
         ]
         if not self.holders:
             operations = [(operation, weight) for operation, weight in operations if operation != self.consent_change]
+        if self.reads_only:
+            writes = (self.transaction, self.update, self.consent_change)
+            operations = [(operation, weight) for operation, weight in operations if operation not in writes]
         return operations
 
 
@@ -693,6 +697,8 @@ def report(arguments, loaded: int, load_secs: float, rss_after_load: float | Non
     print("soak requests:")
     print_types(stats, weights)
     print("  (* the consent weight covers both consent rows; latencies: send to answer, errors included)")
+    if arguments.mix == "reads":
+        print("  (--mix reads: transactions, updates and Consent changes left out; weights relative to 75 %)")
     start = samples[0][1] if samples else None
     end = samples[-1][1] if samples else None
     peak = max((m for _, m in samples), default=None)
@@ -760,7 +766,8 @@ def command_run(arguments) -> int:
     server = ServerProcess(arguments.server_pid)
     if server.rss_mib() is None:
         raise SystemExit(f"no server process {arguments.server_pid}")
-    soak = Soak(bs.Client(arguments.base_url, token), dataset, patients, holders)
+    soak = Soak(bs.Client(arguments.base_url, token), dataset, patients, holders,
+                reads_only=arguments.mix == "reads")
 
     log(f"loading {arguments.patients} patients ({dataset.resources_for(copies)} resources) as transactions")
     started = time.monotonic()
@@ -822,6 +829,8 @@ def main() -> int:
     run.add_argument("--load", type=float, default=0.8, help="the soak's rate, a fraction of the capacity")
     run.add_argument("--sample-secs", type=float, default=10)
     run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--mix", choices=["full", "reads"], default="full",
+                     help="reads: only the reads and searches (same relative weights), so the data does not grow")
     run.add_argument("--results", help="append a JSON line of the results to this file")
     run.add_argument("--analyze-database-url", help="PostgreSQL to ANALYZE after loading")
     arguments = parser.parse_args()

@@ -17,8 +17,11 @@
 //! and `fhir-profiles/r4-required-valuesets.json`, generated from the official HL7 FHIR
 //! R4 4.0.1 definitions by `scripts/extract-fhir-profiles.py` (see `fhir-profiles/README.md`).
 //!
+//! It also reports an element written as an array where the definition does not let it repeat,
+//! or as a single value where it may (fhirbolt accepts both).
+//!
 //! Deliberately out of scope, because fhirbolt or later stages own them: unknown elements,
-//! cardinality, invariants (FHIRPath constraints), bindings on `Coding`/`CodeableConcept`
+//! cardinality counts (min/max), invariants (FHIRPath constraints), bindings on `Coding`/`CodeableConcept`
 //! (many R4 "required" ones are extensible in practice) and value sets we cannot enumerate
 //! (filters, external code systems): those are never checked, so a valid code is never
 //! rejected.
@@ -124,14 +127,21 @@ struct Child {
     /// Index into `Validator::value_sets`, for `code` elements with an enumerable
     /// required binding.
     value_set: Option<usize>,
+    /// Whether the element may repeat (max above 1): FHIR JSON then writes it as an array,
+    /// always, and otherwise never as one.
+    repeats: bool,
 }
 
 impl Child {
     /// Bindings are only enforced on `code` elements: required bindings on
     /// CodeableConcept/Coding are too often treated as extensible in practice to reject on.
-    fn new(kind: Kind, value_set: Option<usize>) -> Child {
+    fn new(kind: Kind, value_set: Option<usize>, repeats: bool) -> Child {
         let value_set = value_set.filter(|_| matches!(kind, Kind::Primitive(Primitive::Code)));
-        Child { kind, value_set }
+        Child {
+            kind,
+            value_set,
+            repeats,
+        }
     }
 }
 
@@ -303,12 +313,10 @@ impl Validator {
                 .get("b")
                 .and_then(Value::as_str)
                 .and_then(|url| vs_index.get(url).copied());
+            let repeats = def.get("n").is_some();
             if let Some(target) = def.get("r").and_then(Value::as_str) {
                 if let Some(&n) = node_of.get(target.trim_start_matches('#')) {
-                    let child = Child {
-                        kind: Kind::Complex(n),
-                        value_set: None,
-                    };
+                    let child = Child::new(Kind::Complex(n), None, repeats);
                     nodes[node].insert(leaf.into(), child);
                 }
                 continue;
@@ -328,11 +336,11 @@ impl Validator {
                             name.extend(first.to_uppercase());
                             name.push_str(chars.as_str());
                         }
-                        choices.push((node, name, Child::new(kind, value_set)));
+                        choices.push((node, name, Child::new(kind, value_set, repeats)));
                     }
                 }
             } else if let Some(kind) = codes.first().and_then(|c| kind_of(c, path)) {
-                nodes[node].insert(leaf.into(), Child::new(kind, value_set));
+                nodes[node].insert(leaf.into(), Child::new(kind, value_set, repeats));
             }
         }
         for (node, name, child) in choices {
@@ -396,10 +404,14 @@ impl Validator {
         }
         for (key, value) in obj {
             if let Some(rest) = key.strip_prefix('_') {
-                // `_birthDate`: the id/extensions of a primitive, shaped like Element.
+                // `_birthDate`: the id/extensions of a primitive, shaped like Element, and an
+                // array exactly when the primitive is.
                 if !rest.is_empty() {
                     if let Some(element) = self.element {
                         walk.path.push(Seg::Key(key));
+                        if let Some(primitive) = self.nodes[node].get(rest) {
+                            check_repetition(primitive.repeats, value, walk);
+                        }
                         self.walk_values(Kind::Complex(element), None, value, walk, depth);
                         walk.path.pop();
                     }
@@ -411,6 +423,7 @@ impl Validator {
                 continue;
             };
             walk.path.push(Seg::Key(key));
+            check_repetition(child.repeats, value, walk);
             self.walk_values(child.kind, child.value_set, value, walk, depth);
             walk.path.pop();
         }
@@ -758,6 +771,24 @@ fn is_date_time(b: &[u8], instant: bool) -> bool {
     }
 }
 
+/// Reports an element written as an array where it cannot repeat, or as a single value where
+/// it may (fhirbolt accepts both; other FHIR systems reject them, and the stored JSON would
+/// differ from the same resource sent as XML).
+fn check_repetition(repeats: bool, value: &Value, walk: &mut Walk<'_>) {
+    match (repeats, value.is_array()) {
+        (true, false) => {
+            walk.report("this element may repeat: FHIR JSON requires an array, even of one".into());
+        }
+        (false, true) => {
+            walk.report(
+                "this element does not repeat: FHIR JSON requires a single value, not an array"
+                    .into(),
+            );
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -836,6 +867,29 @@ mod tests {
     #[test]
     fn valid_patient_passes() {
         assert_eq!(issues_for(&patient()), vec![]);
+    }
+
+    #[test]
+    fn repetition_follows_the_definition() {
+        // A repeating element as a single object, and a single-valued one as an array (both
+        // found accepted by fuzzing: the stored JSON then differed from the XML form).
+        let name = with(patient(), "/name", json!({"family": "Chalmers"}));
+        assert_eq!(paths(&name), vec!["Patient.name"]);
+        assert!(name[0].message.contains("may repeat"), "{name:?}");
+        let gender = with(patient(), "/gender", json!(["male"]));
+        assert_eq!(paths(&gender), vec!["Patient.gender"]);
+        assert!(gender[0].message.contains("does not repeat"), "{gender:?}");
+        assert_no_value_leak(&gender, "male");
+        // Inside a datatype, and a primitive's `_` sibling shaped like the primitive.
+        let given = with(patient(), "/name/0/given", json!("Peter"));
+        assert_eq!(paths(&given), vec!["Patient.name[0].given"]);
+        let extensions = with(patient(), "/_gender", json!([{"id": "g"}]));
+        assert_eq!(paths(&extensions), vec!["Patient._gender"]);
+        let choice = with(patient(), "/deceasedBoolean", json!([false]));
+        assert_eq!(paths(&choice), vec!["Patient.deceasedBoolean"]);
+        // Arrays of one and single values where they belong pass.
+        assert_eq!(with(patient(), "/_gender", json!({"id": "g"})), vec![]);
+        assert_eq!(with(patient(), "/name/0/given", json!(["Peter"])), vec![]);
     }
 
     #[test]

@@ -104,6 +104,16 @@ async fn invalid_content_is_located(app: TestApp) {
             json!({"resourceType": "Patient", "gender": "robot"}),
             "Patient.gender",
         ),
+        // A repeating element as a single object, a single-valued one as an array (fuzzing:
+        // both were stored as sent, unlike the same resource sent as XML).
+        (
+            json!({"resourceType": "Patient", "name": {"family": "Secret"}}),
+            "Patient.name",
+        ),
+        (
+            json!({"resourceType": "Patient", "gender": ["female"]}),
+            "Patient.gender",
+        ),
         (
             json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                    "effectiveDateTime": "2020-01-01T10:00:00"}),
