@@ -406,7 +406,14 @@ impl Validator {
             if let Some(rest) = key.strip_prefix('_') {
                 // `_birthDate`: the id/extensions of a primitive, shaped like Element, and an
                 // array exactly when the primitive is.
-                if !rest.is_empty() {
+                if rest == "id" {
+                    // Resource.id and Element.id are plain strings (FHIRPath System.String),
+                    // not FHIR primitives: they have no id or extensions of their own, and the
+                    // XML form cannot carry them (found by fuzzing: the id was lost there).
+                    walk.path.push(Seg::Key(key));
+                    walk.report("an id cannot have extensions (`_id` is not allowed)".into());
+                    walk.path.pop();
+                } else if !rest.is_empty() {
                     if let Some(element) = self.element {
                         walk.path.push(Seg::Key(key));
                         if let Some(primitive) = self.nodes[node].get(rest) {
@@ -887,6 +894,15 @@ mod tests {
         assert_eq!(paths(&extensions), vec!["Patient._gender"]);
         let choice = with(patient(), "/deceasedBoolean", json!([false]));
         assert_eq!(paths(&choice), vec!["Patient.deceasedBoolean"]);
+        // An id is a plain string: no `_id` beside it, at the root or inside a datatype.
+        let root_id = with(
+            patient(),
+            "/_id",
+            json!({"extension": [{"url": "http://x"}]}),
+        );
+        assert_eq!(paths(&root_id), vec!["Patient._id"]);
+        let element_id = with(patient(), "/name/0/_id", json!({"id": "n"}));
+        assert_eq!(paths(&element_id), vec!["Patient.name[0]._id"]);
         // Arrays of one and single values where they belong pass.
         assert_eq!(with(patient(), "/_gender", json!({"id": "g"})), vec![]);
         assert_eq!(with(patient(), "/name/0/given", json!(["Peter"])), vec![]);
