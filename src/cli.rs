@@ -187,10 +187,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Erasure(command) => erasure(settings, command).await,
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
-            let store =
-                SqlStore::connect(&settings.database_url(), 1, settings.statement_timeout())
-                    .await
-                    .map_err(|error| format!("cannot open the database: {error}"))?;
+            let store = crate::startup::open_store(&settings, 1).await?;
             store.migrate().await.map_err(|error| error.to_string())?;
             store.close().await;
             println!("migrations applied ({})", settings.database_kind());
@@ -207,11 +204,7 @@ async fn keys(settings: Settings, command: KeysCommand) -> Result<(), String> {
     use std::sync::Arc;
 
     std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
-    let store = Arc::new(
-        SqlStore::connect(&settings.database_url(), 2, settings.statement_timeout())
-            .await
-            .map_err(|error| format!("cannot open the database: {error}"))?,
-    );
+    let store = Arc::new(crate::startup::open_store(&settings, 2).await?);
     store.migrate().await.map_err(|error| error.to_string())?;
     let count_by_kek = |keys: &[crate::store::StoredDataKey]| {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -295,9 +288,7 @@ async fn erasure(settings: Settings, command: ErasureCommand) -> Result<(), Stri
     use crate::store::{LegalHold, Scope, Store};
 
     std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
-    let store = SqlStore::connect(&settings.database_url(), 2, settings.statement_timeout())
-        .await
-        .map_err(|error| format!("cannot open the database: {error}"))?;
+    let store = crate::startup::open_store(&settings, 2).await?;
     store.migrate().await.map_err(|error| error.to_string())?;
     // The operator's own command: no caller to decide for.
     let scope = Scope::system(&settings.tenant);
@@ -413,9 +404,7 @@ async fn audit(settings: Settings, command: AuditCommand) -> Result<(), String> 
     use crate::store::Store;
     use base64::Engine;
 
-    let store = SqlStore::connect(&settings.database_url(), 2, settings.statement_timeout())
-        .await
-        .map_err(|error| format!("cannot open the database: {error}"))?;
+    let store = crate::startup::open_store(&settings, 2).await?;
     store.migrate().await.map_err(|error| error.to_string())?;
     let signer = CheckpointSigner::load_or_create(&settings.audit_signing_key_file())?;
     // Committed records not yet in the ordered log take their place first.

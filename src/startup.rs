@@ -108,6 +108,24 @@ pub async fn build_app(settings: Settings) -> Result<AppState, String> {
     assemble(settings, &listen).await.map(|(app, _)| app)
 }
 
+/// Connects to the configured database with `max_connections` and the statement limit, for
+/// the server and every CLI command.
+///
+/// # Errors
+/// A message naming the database failure.
+pub(crate) async fn open_store(
+    settings: &Settings,
+    max_connections: u32,
+) -> Result<SqlStore, String> {
+    SqlStore::connect(
+        &settings.database_url(),
+        max_connections,
+        settings.statement_timeout(),
+    )
+    .await
+    .map_err(|error| format!("cannot open the database: {error}"))
+}
+
 /// Everything but the listener: definition data, database (migrated when configured), key
 /// provider, policy, token validation, audit log and its checkpointer. `default_base_url` is the
 /// public URL unless `base_url` is configured.
@@ -123,15 +141,7 @@ async fn assemble(
             settings.data_dir.display()
         )
     })?;
-    let store = Arc::new(
-        SqlStore::connect(
-            &settings.database_url(),
-            settings.max_connections,
-            settings.statement_timeout(),
-        )
-        .await
-        .map_err(|error| format!("cannot open the database: {error}"))?,
-    );
+    let store = Arc::new(open_store(&settings, settings.max_connections).await?);
     if settings.migrate_on_start {
         store
             .migrate()
