@@ -14,7 +14,7 @@
 
 mod sql;
 
-pub use sql::SqlStore;
+pub use sql::{SqlStore, AUDIT_IDLE_CHECK};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

@@ -303,15 +303,12 @@ impl SqlStore {
         if lookback == 0 {
             // Nothing new is what an idle tick finds: answered without a write transaction
             // (which on SQLite would wait for the writer's turn).
-            let new_records: i64 = sqlx::query(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM audit_records \
-                 WHERE record_id > (SELECT COALESCE(MAX(record_id), 0) FROM audit_log) LIMIT 1) n",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)?
-            .try_get(0)
-            .map_err(internal)?;
+            let new_records: i64 = sqlx::query(AUDIT_IDLE_CHECK)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?
+                .try_get(0)
+                .map_err(internal)?;
             if new_records == 0 {
                 return Ok(0);
             }
@@ -389,6 +386,17 @@ impl SqlStore {
         Ok(count)
     }
 }
+
+/// Whether the audit log has records without a place yet above the highest placed one (1 or
+/// 0): the sequencer's tick, ten times a second on every node. It compares the two highest
+/// ids, one index probe each. Asked as "a record above the highest placed one", PostgreSQL
+/// planned a sequential scan (the bound is a subquery, unknown when planning) that read every
+/// placed record on each tick: 11 ms at 150,000 records, a tenth of a core under the search
+/// benchmark, and growing with the log.
+pub const AUDIT_IDLE_CHECK: &str =
+    "SELECT CASE WHEN COALESCE((SELECT MAX(record_id) FROM audit_records), 0) \
+                    > COALESCE((SELECT MAX(record_id) FROM audit_log), 0) \
+            THEN 1 ELSE 0 END";
 
 /// Runs a transaction's work in its own task, so that a caller that goes away (a client that
 /// disconnects mid-request) cannot cancel it halfway: a transaction future dropped between its

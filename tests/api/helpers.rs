@@ -353,6 +353,24 @@ impl TestApp {
         row.try_get::<i64, _>(0).expect("integer")
     }
 
+    /// The database's plan of `sql`, one line per row (`EXPLAIN` on PostgreSQL, `EXPLAIN
+    /// QUERY PLAN` on SQLite, whose detail is the last column).
+    pub async fn plan_of(&self, sql: &str) -> Vec<String> {
+        use sqlx::Row;
+        let explain = match self.backend {
+            Backend::Sqlite => "EXPLAIN QUERY PLAN",
+            Backend::Postgres => "EXPLAIN",
+        };
+        let mut connection = self.connect().await;
+        sqlx::query(&format!("{explain} {sql}"))
+            .fetch_all(&mut connection)
+            .await
+            .expect("explain")
+            .iter()
+            .map(|row| row.try_get::<String, _>(row.len() - 1).expect("plan text"))
+            .collect()
+    }
+
     /// Runs one SQL statement directly on the database (tests that tamper with rows).
     pub async fn execute(&self, sql: &str) {
         let mut connection = self.connect().await;
