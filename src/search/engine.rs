@@ -33,7 +33,7 @@ use crate::store::{CandidateFilter, CandidateQuery, RangeBounds, Scope, VersionR
 
 /// Candidates read from the index per step.
 const CHUNK: usize = 200;
-/// The smallest first step.
+/// The smallest step after the first (which is the size of the page wanted).
 const MIN_CHUNK: usize = 16;
 /// Most candidates one search may decrypt and re-check; beyond it the search is refused as too
 /// broad (400) rather than answered slowly or partially.
@@ -42,9 +42,14 @@ pub const MAX_EVALUATED: usize = 50_000;
 /// criterion is checked per candidate instead.
 pub const MAX_CHAIN_MATCHES: usize = 1_000;
 /// How many inner matches one per-candidate check is worth (an index look-up, a decryption):
-/// a chain or `_has` is checked per candidate when the other criteria leave at most 1/this as
-/// many candidates as the inner search has in the index.
+/// a chain or `_has` alone is checked per candidate when the searched type has at most 1/this
+/// as many resources as the inner search has index candidates.
 const PER_CANDIDATE_COST: usize = 4;
+/// The same beside other criteria. Then both ways decrypt the candidates those criteria
+/// leave (the list way only those among the inner matches), and the inner search runs only
+/// for the candidates that passed them: the per-candidate way costs about one decryption per
+/// candidate, plus an inner search for the few that pass.
+const PER_FILTERED_CANDIDATE_COST: usize = 2;
 /// How far the outer candidates of a chain or `_has` are counted: far enough that a list of
 /// inner matches (at most [`MAX_EVALUATED`] decryptions) is never judged dearer than checking
 /// this many outer candidates one by one.
@@ -464,7 +469,8 @@ impl<'a> Search<'a> {
     /// Whether a chain or `_has` whose inner criterion `inner` is searched by `inner_search`
     /// is cheaper checked per candidate of `types` narrowed by `outer_filters` than resolved
     /// into a list first (see [`Search::resolve`]): whether the inner search has more than
-    /// [`PER_CANDIDATE_COST`] times as many index candidates as the outer one. Only a plain
+    /// [`PER_CANDIDATE_COST`] (or, beside other criteria, [`PER_FILTERED_CANDIDATE_COST`]) times
+    /// as many index candidates as the outer one. Only a plain
     /// inner criterion is estimated; a nested chain keeps the list unless it proves too long.
     ///
     /// Both sides are counted in rounds of doubling limits, so that the rows read stay within
@@ -485,6 +491,11 @@ impl<'a> Search<'a> {
         }
         let inner_types = inner_search.types();
         let inner_filters = inner_search.plain_filters(std::slice::from_ref(inner))?;
+        let cost = if outer_filters.is_empty() {
+            PER_CANDIDATE_COST
+        } else {
+            PER_FILTERED_CANDIDATE_COST
+        };
         let mut limit = FIRST_COUNT_LIMIT;
         loop {
             let outer_count = self
@@ -493,16 +504,16 @@ impl<'a> Search<'a> {
             if outer_count <= limit || limit >= MAX_OUTER_COUNT {
                 // The outer side is counted in full (or far enough that no list could be
                 // dearer): per candidate when the inner side has more than it is worth.
-                let worth_it = outer_count * PER_CANDIDATE_COST;
+                let worth_it = outer_count * cost;
                 let inner_count = inner_search
                     .count_candidates(&inner_types, inner_filters, worth_it + 1)
                     .await?;
                 return Ok(inner_count > worth_it);
             }
             // More than `limit` outer candidates: per candidate only if the inner side has
-            // more than PER_CANDIDATE_COST times that; when it has fewer, the list is cheaper
+            // more than `cost` times that; when it has fewer, the list is cheaper
             // whatever the outer count turns out to be.
-            let worth_it = limit * PER_CANDIDATE_COST;
+            let worth_it = limit * cost;
             let inner_count = inner_search
                 .count_candidates(&inner_types, inner_filters.clone(), worth_it + 1)
                 .await?;
@@ -560,8 +571,9 @@ impl<'a> Search<'a> {
         limit: usize,
     ) -> ApiResult<(Vec<Found>, bool)> {
         let filters = self.filters(checks);
-        // A first page decrypts about what it shows, not a whole chunk.
-        let mut chunk = limit.clamp(MIN_CHUNK, CHUNK);
+        // A first page decrypts about what it shows, not a whole chunk: an existence check
+        // (`_has` or a chain per candidate, limit 1) reads one candidate, not sixteen.
+        let mut chunk = limit.clamp(1, CHUNK);
         let mut matches = Vec::new();
         let mut evaluated = 0usize;
         loop {
@@ -591,9 +603,9 @@ impl<'a> Search<'a> {
                 ));
             }
             let exhausted = candidates.len() < chunk;
-            // Later steps read full chunks: the first one was sized for a page that the
-            // re-check or the access decision thinned out.
-            chunk = CHUNK;
+            // Later steps read larger chunks, up to full ones: the first one was sized for a
+            // page that the re-check or the access decision thinned out.
+            chunk = (chunk * 8).clamp(MIN_CHUNK, CHUNK);
             for found in self.open_all(candidates).await? {
                 if !checks.iter().all(|check| passes(check, &found)) {
                     continue;
