@@ -186,6 +186,8 @@ pub struct Validator {
     resources: HashMap<Box<str>, usize>,
     /// Node for `Element` (id + extension): the shape of `_birthDate`-style objects.
     element: Option<usize>,
+    /// Node for `Extension`, whose `url` is a plain string like an id.
+    extension: Option<usize>,
     value_sets: Vec<ValueSet>,
     patterns: Patterns,
 }
@@ -357,10 +359,12 @@ impl Validator {
             })
             .collect();
         let element = node_of.get("Element").copied();
+        let extension = node_of.get("Extension").copied();
         Ok(Validator {
             nodes,
             resources,
             element,
+            extension,
             value_sets,
             patterns: Patterns::new()?,
         })
@@ -412,6 +416,13 @@ impl Validator {
                     // XML form cannot carry them (found by fuzzing: the id was lost there).
                     walk.path.push(Seg::Key(key));
                     walk.report("an id cannot have extensions (`_id` is not allowed)".into());
+                    walk.path.pop();
+                } else if rest == "url" && Some(node) == self.extension {
+                    // Extension.url is a plain string too (an attribute in the XML form).
+                    walk.path.push(Seg::Key(key));
+                    walk.report(
+                        "an extension's url cannot have extensions (`_url` is not allowed)".into(),
+                    );
                     walk.path.pop();
                 } else if !rest.is_empty() {
                     if let Some(element) = self.element {
@@ -903,6 +914,12 @@ mod tests {
         assert_eq!(paths(&root_id), vec!["Patient._id"]);
         let element_id = with(patient(), "/name/0/_id", json!({"id": "n"}));
         assert_eq!(paths(&element_id), vec!["Patient.name[0]._id"]);
+        // So is an extension's url; `_url` elsewhere (a primitive named url) is fine.
+        let extension = json!([{"url": "http://x", "_url": {"id": "u"}, "valueBoolean": true}]);
+        let extension_url = with(patient(), "/extension", extension);
+        assert_eq!(paths(&extension_url), vec!["Patient.extension[0]._url"]);
+        let attachment = json!([{"url": "http://x/p.png", "_url": {"id": "p"}}]);
+        assert_eq!(with(patient(), "/photo", attachment), vec![]);
         // Arrays of one and single values where they belong pass.
         assert_eq!(with(patient(), "/_gender", json!({"id": "g"})), vec![]);
         assert_eq!(with(patient(), "/name/0/given", json!(["Peter"])), vec![]);
