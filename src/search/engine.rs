@@ -470,8 +470,8 @@ impl<'a> Search<'a> {
     /// is cheaper checked per candidate of `types` narrowed by `outer_filters` than resolved
     /// into a list first (see [`Search::resolve`]): whether the inner search has more than
     /// [`PER_CANDIDATE_COST`] (or, beside other criteria, [`PER_FILTERED_CANDIDATE_COST`]) times
-    /// as many index candidates as the outer one. Only a plain
-    /// inner criterion is estimated; a nested chain keeps the list unless it proves too long.
+    /// as many index candidates as the outer one. Only a plain inner criterion is estimated; a
+    /// nested chain keeps the list unless it proves too long.
     ///
     /// Both sides are counted in rounds of doubling limits, so that the rows read stay within
     /// a small multiple of the smaller side. Without criteria of its own the outer side is
