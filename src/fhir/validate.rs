@@ -410,19 +410,20 @@ impl Validator {
             if let Some(rest) = key.strip_prefix('_') {
                 // `_birthDate`: the id/extensions of a primitive, shaped like Element, and an
                 // array exactly when the primitive is.
-                if rest == "id" {
-                    // Resource.id and Element.id are plain strings (FHIRPath System.String),
-                    // not FHIR primitives: they have no id or extensions of their own, and the
-                    // XML form cannot carry them (found by fuzzing: the id was lost there).
+                // Resource.id, Element.id and Extension.url are plain strings (FHIRPath
+                // System.String), not FHIR primitives: they have no id or extensions of their
+                // own, and the XML form, where they are attributes, cannot carry them (found by
+                // fuzzing: the id was lost there).
+                let plain_string = match rest {
+                    "id" => Some("an id cannot have extensions (`_id` is not allowed)"),
+                    "url" if Some(node) == self.extension => {
+                        Some("an extension's url cannot have extensions (`_url` is not allowed)")
+                    }
+                    _ => None,
+                };
+                if let Some(message) = plain_string {
                     walk.path.push(Seg::Key(key));
-                    walk.report("an id cannot have extensions (`_id` is not allowed)".into());
-                    walk.path.pop();
-                } else if rest == "url" && Some(node) == self.extension {
-                    // Extension.url is a plain string too (an attribute in the XML form).
-                    walk.path.push(Seg::Key(key));
-                    walk.report(
-                        "an extension's url cannot have extensions (`_url` is not allowed)".into(),
-                    );
+                    walk.report(message.into());
                     walk.path.pop();
                 } else if !rest.is_empty() {
                     if let Some(element) = self.element {

@@ -501,24 +501,16 @@ impl<'a> Search<'a> {
             let outer_count = self
                 .count_candidates(types, outer_filters.to_vec(), limit + 1)
                 .await?;
-            if outer_count <= limit || limit >= MAX_OUTER_COUNT {
-                // The outer side is counted in full (or far enough that no list could be
-                // dearer): per candidate when the inner side has more than it is worth.
-                let worth_it = outer_count * cost;
-                let inner_count = inner_search
-                    .count_candidates(&inner_types, inner_filters, worth_it + 1)
-                    .await?;
-                return Ok(inner_count > worth_it);
-            }
-            // More than `limit` outer candidates: per candidate only if the inner side has
-            // more than `cost` times that; when it has fewer, the list is cheaper
-            // whatever the outer count turns out to be.
-            let worth_it = limit * cost;
+            // Counted in full (or far enough that no list could be dearer), or only known to
+            // exceed `limit`: then a list is cheaper if the inner side has at most `cost` times
+            // that, whatever the outer count turns out to be.
+            let outer_known = outer_count <= limit || limit >= MAX_OUTER_COUNT;
+            let worth_it = if outer_known { outer_count } else { limit } * cost;
             let inner_count = inner_search
                 .count_candidates(&inner_types, inner_filters.clone(), worth_it + 1)
                 .await?;
-            if inner_count <= worth_it {
-                return Ok(false);
+            if outer_known || inner_count <= worth_it {
+                return Ok(inner_count > worth_it);
             }
             limit = (limit * 2).min(MAX_OUTER_COUNT);
         }
