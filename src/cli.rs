@@ -38,6 +38,9 @@ pub enum Command {
     /// Print a development access token (dev mode only), signed by the key in the data
     /// directory. The token is the last line of standard output.
     Token(TokenArgs),
+    /// Rebuild the search index from the stored resources (decrypting each), as every start
+    /// does by itself after an upgrade that changed what the index holds. Exits when done.
+    Reindex,
     /// Load transaction, batch and collection Bundles (`*.json`) and bulk NDJSON files
     /// (`*.ndjson`) from files or directories, through the same code paths as the API, as the
     /// local operator. A re-run changes nothing. Exits non-zero when anything failed.
@@ -185,6 +188,25 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Audit(command) => audit(settings, command).await,
         Command::Import(arguments) => crate::import::run(settings, arguments).await,
         Command::Erasure(command) => erasure(settings, command).await,
+        Command::Reindex => {
+            std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
+            let store = crate::startup::open_store(&settings, 1).await?;
+            store.migrate().await.map_err(|error| error.to_string())?;
+            crate::search::reindex::mark_stale(&store, &settings.tenant).await?;
+            store.close().await;
+            // Building the application rebuilds a stale index before anything else.
+            let app = crate::startup::build_app(settings).await?;
+            let format = app
+                .store
+                .index_format(&crate::store::Scope::system(&app.settings.tenant))
+                .await
+                .map_err(|error| error.to_string())?;
+            println!(
+                "search index rebuilt (format {})",
+                format.unwrap_or_default()
+            );
+            Ok(())
+        }
         Command::Migrate => {
             std::fs::create_dir_all(&settings.data_dir).map_err(|error| error.to_string())?;
             let store = crate::startup::open_store(&settings, 1).await?;

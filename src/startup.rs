@@ -252,6 +252,8 @@ async fn assemble(
     // Before anything is served: no erased patient comes back from a restored database.
     crate::erasure::reconcile(&app, &ledger_entries).await?;
     crate::erasure::watch(&app);
+    // Before anything is searched: rows written under another index format would be missed.
+    crate::search::reindex::bring_up_to_date(&app).await?;
     Ok((app, store))
 }
 

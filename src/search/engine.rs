@@ -18,7 +18,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::index::{clip, prefix_term, year_of, Blinder, PREFIX_LENGTHS};
+use super::index::{clip, narrowest_term_within, prefix_term, year_of, Blinder, PREFIX_LENGTHS};
 use super::matcher;
 use super::query::{
     Criterion, Include, Modifier, ParsedQuery, Prefix, QueryValue, TokenSystem, TotalMode,
@@ -934,6 +934,14 @@ impl<'a> Search<'a> {
                         let QueryValue::Date { prefix, low, high } = value else {
                             return None;
                         };
+                        // `eq` matches only values inside the query's range: within one day
+                        // or month, they all carry that day's or month's term.
+                        if let (Prefix::Eq, Some(term)) =
+                            (prefix, narrowest_term_within(*low, *high))
+                        {
+                            terms.push(blind(term));
+                            continue;
+                        }
                         for year in query_years(*prefix, *low, *high)? {
                             terms.push(blind(format!("y:{year}")));
                         }

@@ -7,7 +7,8 @@
 //! ([`engine`]) parses the query ([`query`]), narrows candidates with the index, then decrypts
 //! every candidate, applies the access decision and re-checks every criterion on the resource
 //! ([`matcher`]) — so results are exact even where the index is coarse (blinded prefixes, year
-//! buckets, truncated hashes) — and pages, sorts and includes on what remains.
+//! buckets, truncated hashes) — and pages, sorts and includes on what remains. A database
+//! indexed by another build's rules is re-indexed before it is searched ([`reindex`]).
 
 pub mod engine;
 pub mod fhirpath;
@@ -15,6 +16,7 @@ pub mod index;
 pub mod matcher;
 pub mod query;
 pub mod registry;
+pub mod reindex;
 pub mod values;
 
 use std::collections::HashMap;

@@ -141,6 +141,16 @@ pub struct IndexRows {
     pub numbers: Vec<(String, f64, f64)>,
 }
 
+/// The index rows rebuilt from one stored version (see [`Store::replace_index`]).
+#[derive(Debug, Clone)]
+pub struct RebuiltIndex {
+    pub resource_type: String,
+    pub id: String,
+    /// The version the rows were computed from.
+    pub version: i64,
+    pub index: IndexRows,
+}
+
 /// Bounds on a stored range `[low, high)`; every bound given must hold.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RangeBounds<T> {
@@ -720,6 +730,34 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
     async fn count_candidates(&self, scope: &Scope, query: &CandidateQuery) -> StoreResult<usize>;
+
+    /// The resource types the tenant has a resource of (current or deleted), in name order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn resource_types(&self, scope: &Scope) -> StoreResult<Vec<String>>;
+
+    /// The format the tenant's search index was written in (see
+    /// `migrations/*/0010_search_index_format.sql`); `None` when none was recorded.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn index_format(&self, scope: &Scope) -> StoreResult<Option<i64>>;
+
+    /// Records the format the tenant's search index is now written in.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn set_index_format(&self, scope: &Scope, format: i64) -> StoreResult<()>;
+
+    /// Replaces the index rows of these resources in one transaction, each only while its
+    /// head is still at the given version (the head row is locked first, as a write does): a
+    /// resource written since then already has the rows of its new version. Returns how many
+    /// were replaced.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn replace_index(&self, scope: &Scope, rebuilt: Vec<RebuiltIndex>) -> StoreResult<usize>;
 
     /// The current versions of these resources of one type (deleted ones included, unknown ids
     /// left out), in no particular order.

@@ -9,6 +9,7 @@
 
 mod export;
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +22,9 @@ use sqlx::{AnyPool, Row};
 use super::{
     AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
     Checkpoint, CompartmentConsents, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected,
-    ExportChunk, ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold, RangeBounds, Scope,
-    Store, StoreError, StoreResult, StoredAudit, StoredDataKey, Tombstone, VersionRecord,
-    VersionWrite, WriteMethod,
+    ExportChunk, ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold, RangeBounds,
+    RebuiltIndex, Scope, Store, StoreError, StoreResult, StoredAudit, StoredDataKey, Tombstone,
+    VersionRecord, VersionWrite, WriteMethod,
 };
 
 mod erasure;
@@ -251,6 +252,92 @@ impl SqlStore {
         let record = write_in(&mut transaction, scope, write).await?;
         transaction.commit().await.map_err(classify)?;
         Ok(record)
+    }
+
+    async fn replace_index_now(
+        &self,
+        scope: &Scope,
+        rebuilt: Vec<RebuiltIndex>,
+    ) -> StoreResult<usize> {
+        // Grouped by type, at most 256 resources per statement (SQLite binds at most 32,766
+        // values).
+        let mut by_type: BTreeMap<String, Vec<Vec<RebuiltIndex>>> = BTreeMap::new();
+        for entry in rebuilt {
+            let groups = by_type.entry(entry.resource_type.clone()).or_default();
+            match groups.last_mut() {
+                Some(group) if group.len() < 256 => group.push(entry),
+                _ => groups.push(vec![entry]),
+            }
+        }
+        let by_type = by_type.into_iter().flat_map(|(resource_type, groups)| {
+            groups
+                .into_iter()
+                .map(move |group| (resource_type.clone(), group))
+        });
+        let (mut transaction, _turn) = self.begin().await?;
+        let mut index = IndexInserts::default();
+        for (resource_type, entries) in by_type {
+            // Lock the heads as a write does (heads first, then index rows, so the two never
+            // wait on each other in opposite orders). A head that moved on belongs to a newer
+            // version, whose write replaced the rows itself: it is left alone.
+            let pairs: Vec<String> = (0..entries.len())
+                .map(|at| {
+                    format!(
+                        "(resource_id = ${} AND version_id = ${})",
+                        3 + 2 * at,
+                        4 + 2 * at
+                    )
+                })
+                .collect();
+            let statement = format!(
+                "UPDATE resource_heads SET version_id = version_id \
+                 WHERE tenant = $1 AND resource_type = $2 AND deleted = 0 AND ({}) \
+                 RETURNING resource_id",
+                pairs.join(" OR ")
+            );
+            let mut lock = sqlx::query(&statement)
+                .bind(scope.tenant())
+                .bind(&resource_type);
+            for entry in &entries {
+                lock = lock.bind(&entry.id).bind(entry.version);
+            }
+            let locked: HashSet<String> = lock
+                .fetch_all(&mut *transaction)
+                .await
+                .map_err(classify)?
+                .iter()
+                .map(|row| row.try_get::<String, _>(0).map_err(internal))
+                .collect::<StoreResult<_>>()?;
+            if locked.is_empty() {
+                continue;
+            }
+            let placeholders: Vec<String> =
+                (0..locked.len()).map(|at| format!("${}", 3 + at)).collect();
+            for table in ["search_terms", "search_dates", "search_numbers"] {
+                let statement = format!(
+                    "DELETE FROM {table} WHERE tenant = $1 AND resource_type = $2 \
+                     AND resource_id IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut delete = sqlx::query(&statement)
+                    .bind(scope.tenant())
+                    .bind(&resource_type);
+                for id in &locked {
+                    delete = delete.bind(id);
+                }
+                delete.execute(&mut *transaction).await.map_err(classify)?;
+            }
+            for entry in entries
+                .into_iter()
+                .filter(|entry| locked.contains(&entry.id))
+            {
+                index.add(scope, (&resource_type, &entry.id), entry.index);
+            }
+        }
+        let replaced = index.resources;
+        index.insert_in(&mut transaction).await?;
+        transaction.commit().await.map_err(classify)?;
+        Ok(replaced)
     }
 
     async fn write_many_now(
@@ -1174,6 +1261,48 @@ impl Store for SqlStore {
         Ok(reviews)
     }
 
+    async fn resource_types(&self, scope: &Scope) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT resource_type FROM resource_heads WHERE tenant = $1 \
+             ORDER BY resource_type",
+        )
+        .bind(scope.tenant())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| row.try_get::<String, _>(0).map_err(internal))
+            .collect()
+    }
+
+    async fn index_format(&self, scope: &Scope) -> StoreResult<Option<i64>> {
+        let row = sqlx::query("SELECT format FROM search_index_format WHERE tenant = $1")
+            .bind(scope.tenant())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.map(|row| row.try_get::<i64, _>(0).map_err(internal))
+            .transpose()
+    }
+
+    async fn set_index_format(&self, scope: &Scope, format: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO search_index_format (tenant, format) VALUES ($1, $2) \
+             ON CONFLICT (tenant) DO UPDATE SET format = excluded.format",
+        )
+        .bind(scope.tenant())
+        .bind(format)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn replace_index(&self, scope: &Scope, rebuilt: Vec<RebuiltIndex>) -> StoreResult<usize> {
+        let (store, scope) = (self.clone(), scope.clone());
+        detached(async move { store.replace_index_now(&scope, rebuilt).await }).await
+    }
+
     async fn read_current_many(
         &self,
         scope: &Scope,
@@ -1927,6 +2056,8 @@ async fn delete_index_in(
 /// share three multi-row inserts instead of three per resource).
 #[derive(Default)]
 struct IndexInserts {
+    /// How many resources' rows were added.
+    resources: usize,
     terms: Vec<Vec<Bind>>,
     dates: Vec<Vec<Bind>>,
     numbers: Vec<Vec<Bind>>,
@@ -1935,6 +2066,7 @@ struct IndexInserts {
 impl IndexInserts {
     /// Adds the rows of `resource_type/id`.
     fn add(&mut self, scope: &Scope, (resource_type, id): (&str, &str), rows: IndexRows) {
+        self.resources += 1;
         let key = |param: String| {
             vec![
                 Bind::Text(scope.tenant().to_string()),

@@ -3202,6 +3202,99 @@ both_backends!(
     super::the_index_holds_no_plaintext_identifier
 );
 
+/// Runs `custodian ARGS…` against the app's data directory and database.
+fn custodian_cli(app: &TestApp, arguments: &[&str]) -> (bool, String) {
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_custodian"))
+            .args(arguments)
+            .env("CUSTODIAN_DATA_DIR", app.data_dir())
+            .env("CUSTODIAN_DATABASE_URL", &app.database_url)
+            .env("CUSTODIAN_LOG", "warn")
+            .output()
+            .expect("run custodian")
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// An index written under another format (here: rows an older build would not have written,
+/// missing) is rebuilt from the resources before the next start serves a search, and by
+/// `custodian reindex`; a format from a newer build stops the start instead of answering
+/// wrongly. Also: names sharing a long prefix and birth dates within one year are told apart.
+async fn an_index_in_another_format_is_rebuilt_before_searching(app: TestApp) {
+    let patient = |family: &str, birth_date: &str| json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": birth_date});
+    let first = app.create_id(&patient("Gulgowski8161", "1950-05-06")).await;
+    let second = app
+        .create_id(&patient("Gulgowski81612", "1950-05-17"))
+        .await;
+    let third = app.create_id(&patient("Gulgowski8162", "1950-06-06")).await;
+    let format = || app.count("SELECT MAX(format) FROM search_index_format");
+    assert_eq!(format().await, custodian::search::index::INDEX_FORMAT);
+
+    // What an older build's index lacks (here: the Patients' family and birth date rows).
+    app.execute(
+        "DELETE FROM search_terms WHERE resource_type = 'Patient' \
+         AND param IN ('family', 'birthdate')",
+    )
+    .await;
+    app.execute("UPDATE search_index_format SET format = 1")
+        .await;
+    // The running node searches the index as it is: the rows are what finds a resource.
+    expect_matches(&app, "Patient?family=Gulgowski8161", &BTreeSet::new()).await;
+
+    let app = app.restart(|_| {}).await;
+    let ids = [&first, &second, &third];
+    expect_rebuilt_matches(&app, ids).await;
+    assert_eq!(
+        app.count("SELECT MAX(format) FROM search_index_format")
+            .await,
+        custodian::search::index::INDEX_FORMAT
+    );
+
+    // `custodian reindex`, beside the running node.
+    app.execute("DELETE FROM search_terms WHERE resource_type = 'Patient' AND param = 'family'")
+        .await;
+    let (ok, output) = custodian_cli(&app, &["reindex"]);
+    assert!(ok, "custodian reindex failed: {output}");
+    assert!(output.contains("search index rebuilt"), "{output}");
+    expect_rebuilt_matches(&app, ids).await;
+
+    // A newer build's format: this build refuses to start rather than search it wrongly.
+    app.execute("UPDATE search_index_format SET format = format + 1")
+        .await;
+    let empty = app.data_dir().join("nothing-to-import");
+    std::fs::create_dir_all(&empty).expect("a directory");
+    let (ok, output) = custodian_cli(&app, &["import", empty.to_str().expect("a UTF-8 path")]);
+    assert!(!ok, "a start on a newer index format succeeded: {output}");
+    assert!(output.contains("newer Custodian"), "{output}");
+}
+
+/// The queries of [`an_index_in_another_format_is_rebuilt_before_searching`] over its three
+/// Patients.
+async fn expect_rebuilt_matches(app: &TestApp, [first, second, third]: [&String; 3]) {
+    for (query, expected) in [
+        ("family=Gulgowski816", vec![first, second, third]),
+        ("family=Gulgowski8161", vec![first, second]),
+        ("family=Gulgowski81612", vec![second]),
+        ("family:exact=Gulgowski8161", vec![first]),
+        ("birthdate=1950-05-06", vec![first]),
+        ("birthdate=1950-05", vec![first, second]),
+        ("birthdate=1950", vec![first, second, third]),
+        ("birthdate=ge1950-05-17", vec![second, third]),
+    ] {
+        let expected = keys(expected.iter().map(|id| format!("Patient/{id}")));
+        expect_matches(app, &format!("Patient?{query}"), &expected).await;
+    }
+}
+both_backends!(
+    index_format_rebuild,
+    super::an_index_in_another_format_is_rebuilt_before_searching
+);
+
 // ---------------------------------------------------------------------------------------------
 
 async fn post_if_none_exist(app: &TestApp, resource: &Value, criteria: &str) -> reqwest::Response {
