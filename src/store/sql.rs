@@ -1767,13 +1767,6 @@ fn candidate_statement(
     if let Some(types) = &types {
         conditions.push(format!("h.resource_type IN ({types})"));
     }
-    if let Some((after_type, after_id)) = &query.after {
-        let after_type = binds.text(after_type);
-        let after_id = binds.text(after_id);
-        conditions.push(format!(
-            "(h.resource_type > {after_type} OR (h.resource_type = {after_type} AND h.resource_id > {after_id}))"
-        ));
-    }
     // One filter drives the query (its index rows are looked up once and joined to the heads);
     // every other filter is probed per candidate. Written as `IN (subquery)` each, SQLite
     // would materialize every subquery in full before joining: for a broad filter (the
@@ -1783,7 +1776,46 @@ fn candidate_statement(
         .filters
         .iter()
         .any(|filter| matches!(filter, CandidateFilter::Ids(_)));
+    // A driving filter of one term over one type is walked in index order instead: the lookup
+    // index keeps one term's rows sorted by resource id, so a page reads about as many index
+    // rows as it shows. As `IN (subquery)` the database read every row of the term, joined and
+    // sorted them for each page: on the search benchmark's 10,000 patients, 1,250 born on one
+    // day or 5,000 of one gender for a page of 50 or 10. (A term's rows are unique per
+    // resource: the index keeps each parameter's terms deduplicated.)
+    let walked = match (
+        ordered && first_drives,
+        types.as_deref(),
+        query.filters.first(),
+    ) {
+        (true, Some(single_type), Some(CandidateFilter::Terms { param, terms }))
+            if query.resource_types.len() == 1 && terms.len() == 1 =>
+        {
+            let (param, term) = (binds.text(param), binds.text(&terms[0]));
+            conditions.push(format!(
+                "d.tenant = {tenant} AND d.resource_type = {single_type} AND d.param = {param} \
+                 AND d.term = {term}"
+            ));
+            true
+        }
+        _ => false,
+    };
+    if let Some((after_type, after_id)) = &query.after {
+        let walked_type = walked.then(|| query.resource_types[0].clone());
+        let same_type = walked_type.as_deref() == Some(after_type.as_str());
+        let after_type = binds.text(after_type);
+        let after_id = binds.text(after_id);
+        conditions.push(format!(
+            "(h.resource_type > {after_type} OR (h.resource_type = {after_type} AND h.resource_id > {after_id}))"
+        ));
+        if same_type {
+            // The same bound on the walked index rows, where it narrows the index range.
+            conditions.push(format!("d.resource_id > {after_id}"));
+        }
+    }
     for (position, filter) in query.filters.iter().enumerate() {
+        if position == 0 && walked {
+            continue;
+        }
         let role = if position == 0 && first_drives {
             FilterRole::Drives
         } else {
@@ -1800,13 +1832,20 @@ fn candidate_statement(
     let limit = binds.push(Bind::Integer(
         i64::try_from(query.limit).unwrap_or(i64::MAX),
     ));
-    let order = if ordered {
-        "ORDER BY h.resource_type, h.resource_id "
-    } else {
-        ""
+    let (from, order) = match (walked, ordered) {
+        (true, _) => (
+            "search_terms d JOIN resource_heads h ON h.tenant = d.tenant \
+             AND h.resource_type = d.resource_type AND h.resource_id = d.resource_id",
+            "ORDER BY d.resource_id ",
+        ),
+        (false, true) => (
+            "resource_heads h",
+            "ORDER BY h.resource_type, h.resource_id ",
+        ),
+        (false, false) => ("resource_heads h", ""),
     };
     let statement = format!(
-        "SELECT h.resource_type, h.resource_id FROM resource_heads h WHERE {} {order}LIMIT {limit}",
+        "SELECT h.resource_type, h.resource_id FROM {from} WHERE {} {order}LIMIT {limit}",
         conditions.join(" AND ")
     );
     (statement, binds.0)
@@ -2232,14 +2271,33 @@ mod tests {
         let absent = CandidateFilter::Missing {
             param: "value-quantity".into(),
         };
-        let statement = statement_of(vec![patient.clone(), since_2020.clone(), absent]);
-        // The patient's index rows are looked up once; the date range, which may hold most
+        let two_patients = CandidateFilter::Terms {
+            param: "patient".into(),
+            terms: vec!["r:Patient/p1".into(), "r:Patient/p2".into()],
+        };
+        let statement = statement_of(vec![two_patients, since_2020.clone(), absent.clone()]);
+        // The patients' index rows are looked up once; the date range, which may hold most
         // Observations, is only probed for each of them (never materialized whole).
         assert_eq!(statement.matches("IN (SELECT").count(), 1, "{statement}");
         let driver = statement.find("IN (SELECT x.resource_type, x.resource_id FROM search_terms");
         let date_probe = statement.find("EXISTS (SELECT 1 FROM search_dates");
         assert!(driver.is_some() && date_probe.is_some(), "{statement}");
         assert_eq!(statement.matches("NOT EXISTS").count(), 3, "{statement}");
+
+        // One term drives by walking its index rows in id order, the others still probed.
+        let walked = statement_of(vec![patient.clone(), since_2020.clone(), absent]);
+        assert!(!walked.contains("IN (SELECT"), "{walked}");
+        assert!(
+            walked.contains("FROM search_terms d JOIN resource_heads h")
+                && walked.contains("ORDER BY d.resource_id LIMIT"),
+            "{walked}"
+        );
+        // The date range probed, and the three tables probed for the missing value.
+        assert_eq!(
+            walked.matches("EXISTS (SELECT 1 FROM search_dates").count(),
+            2
+        );
+        assert_eq!(walked.matches("NOT EXISTS").count(), 3, "{walked}");
 
         // An id list pins the heads down: every index filter is a probe.
         let by_ids = statement_of(vec![
