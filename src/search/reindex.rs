@@ -22,6 +22,9 @@ use crate::store::{RebuiltIndex, Scope, Store, VersionRecord};
 /// Resources read, decrypted and re-indexed per round trip (and per transaction).
 const PAGE: usize = 256;
 
+/// How often (in resources) a rebuild logs its progress.
+const PROGRESS_EVERY: usize = 50_000;
+
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RebuildReport {
@@ -56,7 +59,7 @@ pub async fn bring_up_to_date(app: &AppState) -> Result<Option<RebuildReport>, S
             tracing::info!(
                 from = ?recorded,
                 to = INDEX_FORMAT,
-                "rebuilding the search index before serving"
+                "rebuilding the search index (recorded in another format than this build's)"
             );
             let report = rebuild(app, &scope).await?;
             tracing::info!(
@@ -102,11 +105,19 @@ async fn rebuild(app: &AppState, scope: &Scope) -> Result<RebuildReport, String>
             after = Some(last.id.clone());
             let complete = page.len() < PAGE;
             let rebuilt = index_page(app, scope, page).await?;
+            let before = resources;
             resources += app
                 .store
                 .replace_index(scope, rebuilt)
                 .await
                 .map_err(failed)?;
+            if before / PROGRESS_EVERY != resources / PROGRESS_EVERY {
+                tracing::info!(
+                    resources,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "search index rebuild in progress"
+                );
+            }
             if complete {
                 break;
             }
