@@ -1812,8 +1812,7 @@ fn candidate_statement(
         _ => false,
     };
     if let Some((after_type, after_id)) = &query.after {
-        let walked_type = walked.then(|| query.resource_types[0].clone());
-        let same_type = walked_type.as_deref() == Some(after_type.as_str());
+        let same_type = walked && query.resource_types.first() == Some(after_type);
         let after_type = binds.text(after_type);
         let after_id = binds.text(after_id);
         conditions.push(format!(
