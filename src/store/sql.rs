@@ -313,7 +313,7 @@ impl SqlStore {
             }
             let placeholders: Vec<String> =
                 (0..locked.len()).map(|at| format!("${}", 3 + at)).collect();
-            for table in ["search_terms", "search_dates", "search_numbers"] {
+            for table in INDEX_TABLES {
                 let statement = format!(
                     "DELETE FROM {table} WHERE tenant = $1 AND resource_type = $2 \
                      AND resource_id IN ({})",
@@ -1912,7 +1912,6 @@ fn filter_condition(
     };
     // Every resource with a value of the parameter has a row of it in one of the index tables
     // (a presence term where its values gave no other row; see search::index).
-    const INDEX_TABLES: [&str; 3] = ["search_terms", "search_dates", "search_numbers"];
     match filter {
         CandidateFilter::Ids(ids) => {
             if ids.is_empty() {
@@ -2084,13 +2083,17 @@ async fn insert_rows(
     Ok(inserted)
 }
 
+/// The search index tables (see `migrations/*/0004_search.sql`), whose rows are keyed by
+/// (tenant, type, id).
+const INDEX_TABLES: [&str; 3] = ["search_terms", "search_dates", "search_numbers"];
+
 /// Removes the index rows of one resource (before its new version's rows go in).
 async fn delete_index_in(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     scope: &Scope,
     (resource_type, id): (&str, &str),
 ) -> StoreResult<()> {
-    for table in ["search_terms", "search_dates", "search_numbers"] {
+    for table in INDEX_TABLES {
         sqlx::query(&format!(
             "DELETE FROM {table} WHERE tenant = $1 AND resource_type = $2 AND resource_id = $3"
         ))

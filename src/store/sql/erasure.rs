@@ -11,14 +11,11 @@
 use sqlx::Row;
 
 use super::{append_audit_in, bind_all, Bind, Binds, MAX_LIST_BINDS, VERSION_COLUMNS};
-use super::{classify, decode, from_micros, micros, placeholders, Backend, SqlStore};
+use super::{classify, decode, from_micros, micros, placeholders, Backend, SqlStore, INDEX_TABLES};
 use crate::store::{
     CompartmentQuery, ErasureOutcome, ErasureRequest, LegalHold, Scope, StoreError, StoreResult,
     Tombstone, VersionRecord,
 };
-
-/// The index tables, whose rows are keyed by (tenant, type, id).
-const INDEX_TABLES: [&str; 3] = ["search_terms", "search_dates", "search_numbers"];
 
 impl SqlStore {
     /// Locks the data key rows a write seals under until its transaction ends (PostgreSQL:
