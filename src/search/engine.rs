@@ -29,7 +29,7 @@ use crate::api::App;
 use crate::authz::decision::{Interaction, Permit};
 use crate::authz::principal::Principal;
 use crate::error::{ApiError, ApiResult, IssueCode};
-use crate::store::{CandidateFilter, CandidateQuery, RangeBounds, Scope, VersionRecord};
+use crate::store::{CandidateFilter, CandidateQuery, EachKey, RangeBounds, Scope, VersionRecord};
 
 /// Candidates read from the index per step.
 const CHUNK: usize = 200;
@@ -56,6 +56,9 @@ const PER_FILTERED_CANDIDATE_COST: usize = 2;
 const MAX_OUTER_COUNT: usize = MAX_EVALUATED / PER_CANDIDATE_COST;
 /// The outer count's first limit (see [`Search::per_candidate_is_cheaper`]).
 const FIRST_COUNT_LIMIT: usize = 64;
+/// Most candidates whose chain or `_has` is checked in one batch (see
+/// [`Search::passes_deferred_each`]).
+const MAX_DEFERRED_BATCH: usize = 64;
 /// Most resources `_include`/`_revinclude` add to one page.
 pub const MAX_INCLUDED: usize = 1_000;
 /// Rounds of `:iterate`.
@@ -118,6 +121,16 @@ impl Check {
     fn is_deferred(&self) -> bool {
         matches!(self, Check::ChainEach { .. } | Check::HasEach { .. })
     }
+}
+
+/// What the index holds first for one key of [`Search::first_candidates`].
+enum FirstCandidate {
+    /// No candidate: nothing can match.
+    None,
+    /// The first candidate, decrypted, to be re-checked.
+    Opened(Found),
+    /// A first candidate the caller may not see (or gone since): look further.
+    Unseen,
 }
 
 /// Where a page starts: after this position.
@@ -563,6 +576,7 @@ impl<'a> Search<'a> {
         limit: usize,
     ) -> ApiResult<(Vec<Found>, bool)> {
         let filters = self.filters(checks);
+        let has_deferred = checks.iter().any(Check::is_deferred);
         // A first page decrypts about what it shows, not a whole chunk: an existence check
         // (`_has` or a chain per candidate, limit 1) reads one candidate, not sixteen.
         let mut chunk = limit.clamp(1, CHUNK);
@@ -598,21 +612,44 @@ impl<'a> Search<'a> {
             // Later steps read larger chunks, up to full ones: the first one was sized for a
             // page that the re-check or the access decision thinned out.
             chunk = (chunk * 8).clamp(MIN_CHUNK, CHUNK);
-            for found in self.open_all(candidates).await? {
-                if !checks.iter().all(|check| passes(check, &found)) {
-                    continue;
+            let mut passed = self
+                .open_all(candidates)
+                .await?
+                .into_iter()
+                .filter(|found| checks.iter().all(|check| passes(check, found)));
+            loop {
+                // The per-candidate checks run for a batch at a time, sized to what the page
+                // still needs, so that a full page has not paid for candidates it leaves out.
+                let batch_size = if has_deferred {
+                    limit
+                        .saturating_sub(matches.len())
+                        .clamp(1, MAX_DEFERRED_BATCH)
+                } else {
+                    usize::MAX
+                };
+                let batch: Vec<Found> = passed.by_ref().take(batch_size).collect();
+                if batch.is_empty() {
+                    break;
                 }
-                let mut deferred_pass = true;
+                let mut kept = vec![true; batch.len()];
                 for check in checks.iter().filter(|check| check.is_deferred()) {
-                    if !Box::pin(self.passes_deferred(check, &found)).await? {
-                        deferred_pass = false;
+                    let pending: Vec<usize> = (0..batch.len()).filter(|&at| kept[at]).collect();
+                    if pending.is_empty() {
                         break;
                     }
+                    let pending_found: Vec<&Found> = pending.iter().map(|&at| &batch[at]).collect();
+                    let verdicts =
+                        Box::pin(self.passes_deferred_each(check, &pending_found)).await?;
+                    for (at, verdict) in pending.into_iter().zip(verdicts) {
+                        kept[at] = verdict;
+                    }
                 }
-                if deferred_pass {
-                    matches.push(found);
-                    if matches.len() >= limit {
-                        return Ok((matches, false));
+                for (found, kept) in batch.into_iter().zip(kept) {
+                    if kept {
+                        matches.push(found);
+                        if matches.len() >= limit {
+                            return Ok((matches, false));
+                        }
                     }
                 }
             }
@@ -621,6 +658,216 @@ impl<'a> Search<'a> {
             }
             after = Some(last);
         }
+    }
+
+    /// A per-candidate check (a broad chain or `_has`) for several candidates at once, in
+    /// three statements instead of three per candidate: the first index candidate of each
+    /// candidate's inner search in one query, all of them read and decrypted together, each
+    /// re-checked. A candidate whose first inner candidate does not pass (a term shared by a
+    /// hash collision, a resource the caller may not see) is checked on its own as before, so
+    /// the verdicts are exact. Verdicts are in the order of `found`.
+    async fn passes_deferred_each(&self, check: &Check, found: &[&Found]) -> ApiResult<Vec<bool>> {
+        let verdicts = match check {
+            Check::HasEach {
+                source_type,
+                reference_code,
+                inner,
+            } if matches!(inner, Criterion::Plain { .. }) => {
+                self.has_each(source_type, reference_code, inner, found)
+                    .await?
+            }
+            Check::ChainEach {
+                definition,
+                target_types,
+                inner,
+            } if matches!(inner, Criterion::Plain { .. }) => {
+                self.chain_each(definition, target_types, inner, found)
+                    .await?
+            }
+            _ => vec![None; found.len()],
+        };
+        let mut exact = Vec::with_capacity(found.len());
+        for (found, verdict) in found.iter().zip(verdicts) {
+            exact.push(match verdict {
+                Some(verdict) => verdict,
+                None => Box::pin(self.passes_deferred(check, found)).await?,
+            });
+        }
+        Ok(exact)
+    }
+
+    /// `_has` for several candidates (see [`Search::passes_deferred_each`]): `Some(verdict)`
+    /// where the first inner candidate settles it, `None` where it must be checked alone.
+    async fn has_each(
+        &self,
+        source_type: &str,
+        reference_code: &str,
+        inner: &Criterion,
+        found: &[&Found],
+    ) -> ApiResult<Vec<Option<bool>>> {
+        let search = Search::start(self.app, self.principal, &[source_type.to_string()]).await?;
+        let reference = search.definition(source_type, reference_code)?;
+        let inner_check = search.plain_check(inner)?;
+        let mut keys = Vec::with_capacity(found.len());
+        let mut refers = Vec::with_capacity(found.len());
+        for candidate in found {
+            let criterion = refers_to(source_type, reference_code, candidate);
+            match search.filter_of(&reference, &criterion) {
+                Some(CandidateFilter::Terms { terms, .. }) if terms.len() == 1 => {
+                    keys.push(terms[0].clone());
+                }
+                _ => return Ok(vec![None; found.len()]),
+            }
+            refers.push(Check::Plain {
+                definition: reference.clone(),
+                criterion,
+            });
+        }
+        let firsts = search
+            .first_candidates(
+                source_type,
+                &inner_check,
+                &EachKey::Term {
+                    param: reference.code.clone(),
+                },
+                &keys,
+            )
+            .await?;
+        Ok(firsts
+            .iter()
+            .zip(&refers)
+            .map(|(first, refers)| match first {
+                FirstCandidate::None => Some(false),
+                FirstCandidate::Opened(source)
+                    if passes(refers, source) && passes(&inner_check, source) =>
+                {
+                    Some(true)
+                }
+                FirstCandidate::Opened(_) | FirstCandidate::Unseen => None,
+            })
+            .collect())
+    }
+
+    /// A chain for several candidates (see [`Search::passes_deferred_each`]).
+    async fn chain_each(
+        &self,
+        definition: &ParamDef,
+        target_types: &[String],
+        inner: &Criterion,
+        found: &[&Found],
+    ) -> ApiResult<Vec<Option<bool>>> {
+        // Each candidate's references to a target type, grouped by that type.
+        let mut wanted: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+        for (at, candidate) in found.iter().enumerate() {
+            for value in values::extract(
+                &definition.expression,
+                SearchType::Reference,
+                &candidate.resource,
+            ) {
+                if let SearchValue::Reference {
+                    resource_type: Some(target),
+                    id: Some(id),
+                    ..
+                } = value
+                {
+                    if target_types.contains(&target) {
+                        wanted.entry(target).or_default().push((at, id));
+                    }
+                }
+            }
+        }
+        // Without any reference to a target type a candidate fails; with one that passes it
+        // passes; otherwise an unsettled reference leaves it to be checked alone.
+        let mut verdicts = vec![Some(false); found.len()];
+        let mut target_types: Vec<&String> = wanted.keys().collect();
+        target_types.sort();
+        for target in target_types {
+            let references = &wanted[target];
+            let search =
+                Search::start(self.app, self.principal, std::slice::from_ref(target)).await?;
+            let inner_check = search.plain_check(inner)?;
+            let ids: Vec<String> = references.iter().map(|(_, id)| id.clone()).collect();
+            let firsts = search
+                .first_candidates(target, &inner_check, &EachKey::Id, &ids)
+                .await?;
+            for ((at, _), first) in references.iter().zip(firsts) {
+                let settled = match first {
+                    FirstCandidate::None => Some(false),
+                    FirstCandidate::Opened(target) if passes(&inner_check, &target) => Some(true),
+                    FirstCandidate::Opened(_) | FirstCandidate::Unseen => None,
+                };
+                verdicts[*at] = match (verdicts[*at], settled) {
+                    (Some(true), _) | (_, Some(true)) => Some(true),
+                    (None, _) | (_, None) => None,
+                    (Some(false), Some(false)) => Some(false),
+                };
+            }
+        }
+        Ok(verdicts)
+    }
+
+    /// The plain check of an inner criterion of this search's type.
+    fn plain_check(&self, criterion: &Criterion) -> ApiResult<Check> {
+        let Criterion::Plain {
+            resource_type,
+            code,
+            ..
+        } = criterion
+        else {
+            return Err(ApiError::Internal(
+                "a per-candidate check without a plain inner criterion".into(),
+            ));
+        };
+        Ok(Check::Plain {
+            definition: self.definition(resource_type, code)?,
+            criterion: criterion.clone(),
+        })
+    }
+
+    /// For each key, the first candidate of `resource_type` with that key (as `each` says)
+    /// that the index lets through `check`, read and decrypted.
+    async fn first_candidates(
+        &self,
+        resource_type: &str,
+        check: &Check,
+        each: &EachKey,
+        keys: &[String],
+    ) -> ApiResult<Vec<FirstCandidate>> {
+        let query = CandidateQuery {
+            resource_types: vec![resource_type.to_string()],
+            filters: self.filters(std::slice::from_ref(check)),
+            after: None,
+            limit: 1,
+        };
+        let firsts = self
+            .app
+            .store
+            .first_candidate_each(&self.scope, &query, each, keys)
+            .await?;
+        let mut distinct: Vec<String> = firsts.iter().flatten().cloned().collect();
+        distinct.sort();
+        distinct.dedup();
+        let opened: HashMap<String, Found> = self
+            .open_all(
+                distinct
+                    .into_iter()
+                    .map(|id| (resource_type.to_string(), id))
+                    .collect(),
+            )
+            .await?
+            .into_iter()
+            .map(|found| (found.record.id.clone(), found))
+            .collect();
+        Ok(firsts
+            .into_iter()
+            .map(|first| match first {
+                None => FirstCandidate::None,
+                Some(id) => match opened.get(&id) {
+                    Some(found) => FirstCandidate::Opened(found.clone()),
+                    None => FirstCandidate::Unseen,
+                },
+            })
+            .collect())
     }
 
     /// A per-candidate check (a broad chain or `_has`): one small inner search.
@@ -674,18 +921,7 @@ impl<'a> Search<'a> {
                 let search =
                     Search::start(self.app, self.principal, std::slice::from_ref(source_type))
                         .await?;
-                let refers = Criterion::Plain {
-                    resource_type: source_type.clone(),
-                    code: reference_code.clone(),
-                    search_type: SearchType::Reference,
-                    modifier: None,
-                    values: vec![QueryValue::Reference {
-                        resource_type: Some(found.record.resource_type.clone()),
-                        id: Some(found.record.id.clone()),
-                        version: None,
-                        url: None,
-                    }],
-                };
+                let refers = refers_to(source_type, reference_code, found);
                 Ok(!search.all(&[refers, inner.clone()], 1).await?.is_empty())
             }
             _ => Ok(true),
@@ -1291,6 +1527,22 @@ fn compare_positions(
         }
     }
     (&a.record.resource_type, &a.record.id).cmp(&(&b.record.resource_type, &b.record.id))
+}
+
+/// The criterion "`reference_code` of a `source_type` refers to `found`" (`_has`).
+fn refers_to(source_type: &str, reference_code: &str, found: &Found) -> Criterion {
+    Criterion::Plain {
+        resource_type: source_type.to_string(),
+        code: reference_code.to_string(),
+        search_type: SearchType::Reference,
+        modifier: None,
+        values: vec![QueryValue::Reference {
+            resource_type: Some(found.record.resource_type.clone()),
+            id: Some(found.record.id.clone()),
+            version: None,
+            url: None,
+        }],
+    }
 }
 
 /// Whether a resource passes one check.

@@ -189,6 +189,15 @@ pub enum CandidateFilter {
     Present { param: String },
 }
 
+/// What the keys of [`Store::first_candidate_each`] are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EachKey {
+    /// A term of this parameter (in `search_terms`).
+    Term { param: String },
+    /// The resource id.
+    Id,
+}
+
 /// Candidates of a search: current, not deleted resources of the given types (all types when
 /// empty) that pass every filter, in (type, id) order, after a keyset position.
 #[derive(Debug, Clone, Default)]
@@ -722,6 +731,22 @@ pub trait Store: Send + Sync + 'static {
         scope: &Scope,
         query: &CandidateQuery,
     ) -> StoreResult<Vec<(String, String)>>;
+
+    /// For each of `keys`, the first resource (in id order) that [`Store::search_candidates`]
+    /// would list for `query` with one more filter: the key as `each` says. One statement
+    /// instead of one per key: a chain or `_has` checked per candidate asks this for a whole
+    /// page of candidates at once. `query.resource_types` must name exactly one type; its
+    /// `after` and `limit` are not used. The answer is aligned with `keys`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    async fn first_candidate_each(
+        &self,
+        scope: &Scope,
+        query: &CandidateQuery,
+        each: &EachKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<String>>>;
 
     /// How many resources [`Store::search_candidates`] would list for `query`, counted up to
     /// `query.limit` only and in no order, so the database may stop early: a cheap size

@@ -21,10 +21,10 @@ use sqlx::{AnyPool, Row};
 
 use super::{
     AuditEntry, AuditQuery, BreakGlassReview, BreakGlassSession, CandidateFilter, CandidateQuery,
-    Checkpoint, CompartmentConsents, CompartmentQuery, ErasureOutcome, ErasureRequest, Expected,
-    ExportChunk, ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold, RangeBounds,
-    RebuiltIndex, Scope, Store, StoreError, StoreResult, StoredAudit, StoredDataKey, Tombstone,
-    VersionRecord, VersionWrite, WriteMethod,
+    Checkpoint, CompartmentConsents, CompartmentQuery, EachKey, ErasureOutcome, ErasureRequest,
+    Expected, ExportChunk, ExportJobRow, ExportLease, HistoryQuery, IndexRows, LegalHold,
+    RangeBounds, RebuiltIndex, Scope, Store, StoreError, StoreResult, StoredAudit, StoredDataKey,
+    Tombstone, VersionRecord, VersionWrite, WriteMethod,
 };
 
 mod erasure;
@@ -1105,6 +1105,37 @@ impl Store for SqlStore {
             .collect()
     }
 
+    async fn first_candidate_each(
+        &self,
+        scope: &Scope,
+        query: &CandidateQuery,
+        each: &EachKey,
+        keys: &[String],
+    ) -> StoreResult<Vec<Option<String>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (statement, binds) =
+            first_candidate_each_statement(self.backend, scope, query, each, keys).ok_or_else(
+                || StoreError::Internal("a per-key candidate query must name one type".into()),
+            )?;
+        let rows = bind_all(sqlx::query(&statement), binds)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        if rows.len() != keys.len() {
+            return Err(StoreError::Internal(
+                "a per-key candidate query lost a key".into(),
+            ));
+        }
+        rows.iter()
+            .map(|row| {
+                row.try_get::<Option<String>, _>("resource_id")
+                    .map_err(internal)
+            })
+            .collect()
+    }
+
     async fn current_consent_versions(
         &self,
         scope: &Scope,
@@ -1863,6 +1894,81 @@ fn candidate_statement(
     (statement, binds.0)
 }
 
+/// The SQL of [`Store::first_candidate_each`]: the keys are bound as one JSON array and
+/// unnested in the database, and for each a scalar subquery finds the first head that has the
+/// key and passes every filter (each probed, as beside a driving filter in
+/// [`candidate_statement`]). The statement's text depends on the filters only, not on the
+/// number of keys. `None` unless `query` names exactly one type.
+fn first_candidate_each_statement(
+    backend: Backend,
+    scope: &Scope,
+    query: &CandidateQuery,
+    each: &EachKey,
+    keys: &[String],
+) -> Option<(String, Vec<Bind>)> {
+    let [resource_type] = query.resource_types.as_slice() else {
+        return None;
+    };
+    let mut binds = Binds::default();
+    let tenant = binds.text(scope.tenant());
+    let single_type = binds.text(resource_type);
+    let key_list = binds.text(&serde_json::Value::from(keys.to_vec()).to_string());
+    let (key_rows, probe_tail) = match backend {
+        Backend::Postgres => (
+            format!(
+                "SELECT value AS key, position FROM json_array_elements_text({key_list}::json) \
+                 WITH ORDINALITY AS u(value, position)"
+            ),
+            " OFFSET 0",
+        ),
+        Backend::Sqlite => (
+            format!("SELECT value AS key, key AS position FROM json_each({key_list})"),
+            "",
+        ),
+    };
+    let mut conditions = vec![
+        format!("h.tenant = {tenant}"),
+        "h.deleted = 0".to_string(),
+        format!("h.resource_type = {single_type}"),
+    ];
+    // A term's index rows are walked in id order (as a lone term in candidate_statement), an
+    // id pins its head down.
+    let (from, order) = match each {
+        EachKey::Term { param } => {
+            let param = binds.text(param);
+            conditions.push(format!(
+                "d.tenant = {tenant} AND d.resource_type = {single_type} AND d.param = {param} \
+                 AND d.term = k.key"
+            ));
+            (
+                "search_terms d JOIN resource_heads h ON h.tenant = d.tenant \
+                 AND h.resource_type = d.resource_type AND h.resource_id = d.resource_id",
+                "ORDER BY d.resource_id ",
+            )
+        }
+        EachKey::Id => {
+            conditions.push("h.resource_id = k.key".to_string());
+            ("resource_heads h", "")
+        }
+    };
+    for filter in &query.filters {
+        conditions.push(filter_condition(
+            &tenant,
+            Some(&single_type),
+            filter,
+            FilterRole::Probes,
+            probe_tail,
+            &mut binds,
+        ));
+    }
+    let statement = format!(
+        "SELECT k.key, (SELECT h.resource_id FROM {from} WHERE {} {order}LIMIT 1) AS resource_id \
+         FROM ({key_rows}) k ORDER BY k.position",
+        conditions.join(" AND ")
+    );
+    Some((statement, binds.0))
+}
+
 /// How a filter's index rows meet the head row `h` (see [`candidate_statement`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FilterRole {
@@ -2259,9 +2365,10 @@ fn decode_checkpoint(row: &AnyRow) -> StoreResult<Checkpoint> {
 #[cfg(test)]
 mod tests {
     use super::{
-        candidate_statement, insert_chunk_sizes, unfold_versions, Backend, MAX_ROWS_PER_INSERT,
+        candidate_statement, first_candidate_each_statement, insert_chunk_sizes, unfold_versions,
+        Backend, Bind, MAX_ROWS_PER_INSERT,
     };
-    use crate::store::{CandidateFilter, CandidateQuery, RangeBounds, Scope};
+    use crate::store::{CandidateFilter, CandidateQuery, EachKey, RangeBounds, Scope};
 
     fn statement_of(filters: Vec<CandidateFilter>) -> String {
         let query = CandidateQuery {
@@ -2338,6 +2445,70 @@ mod tests {
         ]);
         assert!(!by_ids.contains("IN (SELECT"), "{by_ids}");
         assert_eq!(by_ids.matches("EXISTS (SELECT 1").count(), 2, "{by_ids}");
+    }
+
+    #[test]
+    fn one_statement_answers_every_key_and_keeps_its_text() {
+        let code = CandidateFilter::Terms {
+            param: "code".into(),
+            terms: vec!["c:8480-6".into()],
+        };
+        let query = CandidateQuery {
+            resource_types: vec!["Observation".into()],
+            filters: vec![code],
+            after: None,
+            limit: 1,
+        };
+        let each = EachKey::Term {
+            param: "patient".into(),
+        };
+        let scope = Scope::system("t");
+        let three = ["r:Patient/a", "r:Patient/b", "r:Patient/c"].map(String::from);
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let (statement, binds) =
+                first_candidate_each_statement(backend, &scope, &query, &each, &three).unwrap();
+            // The keys travel as one bound JSON array, never in the text, and the other
+            // filters are probes (with their OFFSET on PostgreSQL).
+            assert!(!statement.contains("Patient/"), "{statement}");
+            assert!(
+                binds.iter().any(|bind| matches!(bind, Bind::Text(text)
+                    if text == r#"["r:Patient/a","r:Patient/b","r:Patient/c"]"#)),
+                "{statement}"
+            );
+            assert!(statement.contains("d.term = k.key"), "{statement}");
+            assert_eq!(
+                statement.matches("EXISTS (SELECT 1").count(),
+                1,
+                "{statement}"
+            );
+            assert_eq!(
+                statement.contains("OFFSET 0)"),
+                backend == Backend::Postgres,
+                "{statement}"
+            );
+            // The same text for any number of keys, so a prepared statement is reused.
+            let (for_one, _) =
+                first_candidate_each_statement(backend, &scope, &query, &each, &three[..1])
+                    .unwrap();
+            assert_eq!(for_one, statement);
+        }
+        let ids =
+            first_candidate_each_statement(Backend::Sqlite, &scope, &query, &EachKey::Id, &three)
+                .unwrap()
+                .0;
+        assert!(
+            ids.contains("h.resource_id = k.key") && !ids.contains("search_terms d"),
+            "{ids}"
+        );
+        // One type only: the key's index rows are of that type.
+        let two_types = CandidateQuery {
+            resource_types: vec!["Observation".into(), "Condition".into()],
+            ..query
+        };
+        assert!(
+            first_candidate_each_statement(Backend::Sqlite, &scope, &two_types, &each, &three)
+                .is_none()
+        );
     }
 
     #[test]

@@ -3114,6 +3114,165 @@ both_backends!(
     super::searches_show_only_what_the_caller_may_read
 );
 
+/// A chain or `_has` checked per candidate is checked for a page of candidates at once (the
+/// first inner candidate of each in one query): the answer must be the one a check per
+/// candidate gives, also where that first inner candidate is one the caller may not see and
+/// a later one decides, across pages and for callers who see different things.
+async fn per_candidate_checks_in_batches(app: TestApp) {
+    const SYSTEM: &str = "http://example.org/batch-codes";
+    let restricted = json!([{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}]);
+    let observation = |id: &str, subject: &str, code: &str, hidden: bool| {
+        let mut resource = json!({"resourceType": "Observation", "id": id, "status": "final",
+            "code": {"coding": [{"system": SYSTEM, "code": code}]},
+            "subject": {"reference": format!("Patient/{subject}")}});
+        if hidden {
+            resource["meta"] = json!({"security": restricted});
+        }
+        resource
+    };
+    let app = &app;
+    let put = |resource: Value| async move {
+        let path = format!(
+            "{}/{}",
+            resource["resourceType"].as_str().unwrap(),
+            resource["id"].as_str().unwrap()
+        );
+        let response = app.put(&path, &resource).await;
+        assert!(
+            response.status().is_success(),
+            "PUT {path}: {}",
+            response.status()
+        );
+    };
+    // Many female Patients with an Observation of the code elsewhere, so that `_has` beside
+    // the family name and the gender chain beside the code are checked per candidate rather
+    // than listed (the inner side has several times the outer side's candidates).
+    for index in 0..40 {
+        let filler = format!("batch-filler-{index:02}");
+        put(json!({"resourceType": "Patient", "id": filler, "gender": "female"})).await;
+        put(observation(
+            &format!("{filler}-o"),
+            &filler,
+            "common",
+            false,
+        ))
+        .await;
+    }
+    let mut has_for_doctor = BTreeSet::new();
+    let mut has_for_ehr = BTreeSet::new();
+    let mut chain_for_doctor = BTreeSet::new();
+    let mut chain_for_ehr = BTreeSet::new();
+    for index in 0..14 {
+        let patient = format!("batch-{index:02}");
+        let mut resource = json!({"resourceType": "Patient", "id": patient,
+            "name": [{"family": "Batchcheck"}],
+            "gender": if index % 2 == 0 { "female" } else { "male" },
+            "generalPractitioner": [{"reference": "Practitioner/doc"}]});
+        // Two patients the doctor may not see at all (restricted), for the chain.
+        let patient_hidden = index >= 12;
+        if patient_hidden {
+            resource["meta"] = json!({"security": restricted});
+        }
+        put(resource).await;
+        let key = format!("Patient/{patient}");
+        match index % 4 {
+            // A visible Observation of the code: matches for both.
+            0 => {
+                put(observation(
+                    &format!("{patient}-b"),
+                    &patient,
+                    "common",
+                    false,
+                ))
+                .await;
+                has_for_ehr.insert(key.clone());
+                if !patient_hidden {
+                    has_for_doctor.insert(key.clone());
+                }
+            }
+            // Another code only: matches for neither.
+            1 => {
+                put(observation(
+                    &format!("{patient}-b"),
+                    &patient,
+                    "rare",
+                    false,
+                ))
+                .await
+            }
+            // Only a restricted Observation of the code: the EHR sees it, the doctor does not.
+            2 => {
+                put(observation(
+                    &format!("{patient}-a"),
+                    &patient,
+                    "common",
+                    true,
+                ))
+                .await;
+                has_for_ehr.insert(key.clone());
+            }
+            // A restricted one first in id order, then a visible one: both see a match.
+            _ => {
+                put(observation(
+                    &format!("{patient}-a"),
+                    &patient,
+                    "common",
+                    true,
+                ))
+                .await;
+                put(observation(
+                    &format!("{patient}-b"),
+                    &patient,
+                    "common",
+                    false,
+                ))
+                .await;
+                has_for_ehr.insert(key.clone());
+                if !patient_hidden {
+                    has_for_doctor.insert(key.clone());
+                }
+            }
+        }
+        // The chain: Observations of the rare code whose subject is female.
+        let rare = format!("{patient}-r");
+        put(observation(&rare, &patient, "rare", false)).await;
+        if index % 2 == 0 {
+            chain_for_ehr.insert(format!("Observation/{rare}"));
+            if !patient_hidden {
+                chain_for_doctor.insert(format!("Observation/{rare}"));
+            }
+        }
+    }
+    let doctor = app.token(crate::authz::practitioner_caller("doc"));
+    for count in [50, 3] {
+        let has = format!(
+            "Patient?family=Batchcheck&_has:Observation:patient:code={SYSTEM}|common&_count={count}"
+        );
+        assert_eq!(search(&app, &has).await.match_set(), has_for_ehr, "{has}");
+        assert_eq!(
+            search_as(&app, &doctor, &has).await.match_set(),
+            has_for_doctor,
+            "{has}"
+        );
+        let chain =
+            format!("Observation?code={SYSTEM}|rare&subject:Patient.gender=female&_count={count}");
+        assert_eq!(
+            search(&app, &chain).await.match_set(),
+            chain_for_ehr,
+            "{chain}"
+        );
+        assert_eq!(
+            search_as(&app, &doctor, &chain).await.match_set(),
+            chain_for_doctor,
+            "{chain}"
+        );
+    }
+}
+both_backends!(
+    per_candidate_batches,
+    super::per_candidate_checks_in_batches
+);
+
 // ---------------------------------------------------------------------------------------------
 
 /// Identifying values are searchable but only blinded in the index; a birth date is not in the
