@@ -128,7 +128,7 @@ enum FirstCandidate {
     /// No candidate: nothing can match.
     None,
     /// The first candidate, decrypted, to be re-checked.
-    Opened(Found),
+    Opened(Box<Found>),
     /// A first candidate the caller may not see (or gone since): look further.
     Unseen,
 }
@@ -863,7 +863,7 @@ impl<'a> Search<'a> {
             .map(|first| match first {
                 None => FirstCandidate::None,
                 Some(id) => match opened.get(&id) {
-                    Some(found) => FirstCandidate::Opened(found.clone()),
+                    Some(found) => FirstCandidate::Opened(Box::new(found.clone())),
                     None => FirstCandidate::Unseen,
                 },
             })

@@ -3248,21 +3248,21 @@ async fn per_candidate_checks_in_batches(app: TestApp) {
         let has = format!(
             "Patient?family=Batchcheck&_has:Observation:patient:code={SYSTEM}|common&_count={count}"
         );
-        assert_eq!(search(&app, &has).await.match_set(), has_for_ehr, "{has}");
+        assert_eq!(search(app, &has).await.match_set(), has_for_ehr, "{has}");
         assert_eq!(
-            search_as(&app, &doctor, &has).await.match_set(),
+            search_as(app, &doctor, &has).await.match_set(),
             has_for_doctor,
             "{has}"
         );
         let chain =
             format!("Observation?code={SYSTEM}|rare&subject:Patient.gender=female&_count={count}");
         assert_eq!(
-            search(&app, &chain).await.match_set(),
+            search(app, &chain).await.match_set(),
             chain_for_ehr,
             "{chain}"
         );
         assert_eq!(
-            search_as(&app, &doctor, &chain).await.match_set(),
+            search_as(app, &doctor, &chain).await.match_set(),
             chain_for_doctor,
             "{chain}"
         );
