@@ -342,17 +342,7 @@ impl<'a> Search<'a> {
         let outer_filters = self.plain_filters(criteria)?;
         for criterion in criteria {
             match criterion {
-                Criterion::Plain {
-                    resource_type,
-                    code,
-                    ..
-                } => {
-                    let definition = self.definition(resource_type, code)?;
-                    checks.push(Check::Plain {
-                        definition,
-                        criterion: criterion.clone(),
-                    });
-                }
+                Criterion::Plain { .. } => checks.push(self.plain_check(criterion)?),
                 Criterion::Chain {
                     resource_type,
                     code,
@@ -436,22 +426,10 @@ impl<'a> Search<'a> {
                     }
                     let mut referenced = HashSet::new();
                     for source in &sources {
-                        for value in values::extract(
-                            &reference.expression,
-                            SearchType::Reference,
-                            &source.resource,
-                        ) {
-                            if let SearchValue::Reference {
-                                resource_type: Some(target),
-                                id: Some(id),
-                                ..
-                            } = value
-                            {
-                                if types.contains(&target) {
-                                    referenced.insert((target, id));
-                                }
-                            }
-                        }
+                        referenced.extend(
+                            typed_references(&reference, &source.resource)
+                                .filter(|(target, _)| types.contains(target)),
+                        );
                     }
                     checks.push(Check::OneOf(referenced));
                 }
@@ -464,16 +442,8 @@ impl<'a> Search<'a> {
     fn plain_filters(&self, criteria: &[Criterion]) -> ApiResult<Vec<CandidateFilter>> {
         let mut plain = Vec::new();
         for criterion in criteria {
-            if let Criterion::Plain {
-                resource_type,
-                code,
-                ..
-            } = criterion
-            {
-                plain.push(Check::Plain {
-                    definition: self.definition(resource_type, code)?,
-                    criterion: criterion.clone(),
-                });
+            if matches!(criterion, Criterion::Plain { .. }) {
+                plain.push(self.plain_check(criterion)?);
             }
         }
         Ok(self.filters(&plain))
@@ -759,20 +729,9 @@ impl<'a> Search<'a> {
         // Each candidate's references to a target type, grouped by that type.
         let mut wanted: HashMap<String, Vec<(usize, String)>> = HashMap::new();
         for (at, candidate) in found.iter().enumerate() {
-            for value in values::extract(
-                &definition.expression,
-                SearchType::Reference,
-                &candidate.resource,
-            ) {
-                if let SearchValue::Reference {
-                    resource_type: Some(target),
-                    id: Some(id),
-                    ..
-                } = value
-                {
-                    if target_types.contains(&target) {
-                        wanted.entry(target).or_default().push((at, id));
-                    }
+            for (target, id) in typed_references(definition, &candidate.resource) {
+                if target_types.contains(&target) {
+                    wanted.entry(target).or_default().push((at, id));
                 }
             }
         }
@@ -878,19 +837,7 @@ impl<'a> Search<'a> {
                 target_types,
                 inner,
             } => {
-                for value in values::extract(
-                    &definition.expression,
-                    SearchType::Reference,
-                    &found.resource,
-                ) {
-                    let SearchValue::Reference {
-                        resource_type: Some(target),
-                        id: Some(id),
-                        ..
-                    } = value
-                    else {
-                        continue;
-                    };
+                for (target, id) in typed_references(definition, &found.resource) {
                     if !target_types.contains(&target) {
                         continue;
                     }
@@ -1299,26 +1246,14 @@ impl<'a> Search<'a> {
                         continue;
                     }
                     for definition in self.reference_params(&include.source_type, &include.code) {
-                        for value in values::extract(
-                            &definition.expression,
-                            SearchType::Reference,
-                            &found.resource,
-                        ) {
-                            if let SearchValue::Reference {
-                                resource_type: Some(target),
-                                id: Some(id),
-                                ..
-                            } = value
-                            {
-                                if include
+                        wanted.extend(typed_references(&definition, &found.resource).filter(
+                            |(target, _)| {
+                                include
                                     .target_type
                                     .as_ref()
-                                    .is_none_or(|wanted_type| *wanted_type == target)
-                                {
-                                    wanted.push((target, id));
-                                }
-                            }
-                        }
+                                    .is_none_or(|wanted_type| wanted_type == target)
+                            },
+                        ));
                     }
                 }
             }
@@ -1545,6 +1480,24 @@ fn refers_to(source_type: &str, reference_code: &str, found: &Found) -> Criterio
     }
 }
 
+/// The `(type, id)` of each reference of `resource` that the reference parameter `definition`
+/// reaches and that names both (not a bare id or a URL).
+fn typed_references(
+    definition: &ParamDef,
+    resource: &Value,
+) -> impl Iterator<Item = (String, String)> {
+    values::extract(&definition.expression, SearchType::Reference, resource)
+        .into_iter()
+        .filter_map(|value| match value {
+            SearchValue::Reference {
+                resource_type: Some(target),
+                id: Some(id),
+                ..
+            } => Some((target, id)),
+            _ => None,
+        })
+}
+
 /// Whether a resource passes one check.
 fn passes(check: &Check, found: &Found) -> bool {
     match check {
@@ -1565,20 +1518,7 @@ fn passes(check: &Check, found: &Found) -> bool {
         Check::RefersTo {
             definition,
             targets,
-        } => values::extract(
-            &definition.expression,
-            SearchType::Reference,
-            &found.resource,
-        )
-        .into_iter()
-        .any(|value| match value {
-            SearchValue::Reference {
-                resource_type: Some(target),
-                id: Some(id),
-                ..
-            } => targets.contains(&(target, id)),
-            _ => false,
-        }),
+        } => typed_references(definition, &found.resource).any(|key| targets.contains(&key)),
         Check::OneOf(resources) => {
             resources.contains(&(found.record.resource_type.clone(), found.record.id.clone()))
         }
