@@ -21,19 +21,33 @@ an error, as is a connection error):
                    Patient?name={family} (8),
                    Encounter?patient={id}&date=ge{year}-01-01&date=lt{year+1}-01-01 (7)  200
                    (each must match at least one resource)
-  transaction  10  POST / of a transaction Bundle: a new Encounter and three vital-sign
-                   Observations of an existing patient, linked by urn:uuid               200
-                   (every entry 201)
+  transaction  10  POST / of a transaction Bundle: an Encounter and three vital-sign
+                   Observations of an existing patient (see --writes)                    200
+                   (every entry 201, or 200 where it replaces a version)
   update       10  PUT Observation/{id} of a loaded Observation: status amended, a note  200
   consent       5  a patient, with their own patient token, records a patient-privacy Consent
-                   (POST Consent, 201) or withdraws the one they recorded last (PUT with
-                   status inactive, 200); the Consent denies one Synthea Practitioner, so it
-                   is evaluated on every access to the record but hides nothing from the
-                   ehr-system token the other requests use
+                   (201, or 200 where it replaces a version) or withdraws the one they recorded
+                   last (PUT with status inactive, 200; see --writes); the Consent denies one
+                   Synthea Practitioner, so it is evaluated on every access to the record but
+                   hides nothing from the ehr-system token the other requests use
 
 The transactions' Observations carry LOINC codes the Synthea data does not use and the searches
-never ask for, and the Encounter search is bounded to one past year: the data grows during the
-soak but what the searches match does not, so latencies stay comparable from start to end.
+never ask for, and the Encounter search is bounded to one past year, so what the searches match
+does not change during the soak.
+
+What the writes do to the data (--writes):
+
+  steady   (default) the data keeps its size, as on a server that has run for a while: each
+           patient has --ring slots of (Encounter, three Observations) with fixed ids, and a
+           transaction PUTs one slot (201 per entry while the slot is new, then 200: a new
+           version); a consent patient has one Consent with a fixed id that they PUT active
+           (201 the first time, then 200) and inactive in turn. What grows is only history
+           (versions no request of the mix reads) and the audit log. Growth of the RSS here is
+           what a leak would show.
+  growing  every transaction POSTs a new Encounter and three new Observations (201 each) and
+           every consent change POSTs a new Consent or withdraws the last one: with the
+           default 48 patients the soak adds several times the loaded data in ten minutes, and
+           the caches and per-request work that scale with a patient's record grow with it.
 
 Calibration sends the mix back-to-back from --clients threads (closed loop) and takes the
 completed requests per second as the capacity. The soak then schedules requests at a fixed rate
@@ -79,6 +93,8 @@ TRANSACTION_VITALS = {
     "59408-5": ("Oxygen saturation in Arterial blood by Pulse oximetry", "%", 92, 100),
 }
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+# Namespace of the fixed ids of steady writes (slots and Consents).
+SLOT_NAMESPACE = uuid.UUID("5d3c7a0e-41f4-4b8e-9c55-0c2b1f6a9e11")
 
 # Request types, in report order.
 READ_PATIENT = "read Patient/{id}"
@@ -239,13 +255,36 @@ class ConsentHolder:
     token: str
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: dict | None = None
+    stored: bool = False  # steady writes: their one Consent exists (a PUT answers 200, not 201)
+
+
+@dataclass
+class Slot:
+    """Steady writes: one of a patient's fixed (Encounter, Observations) ids a transaction PUTs."""
+
+    encounter_id: str
+    observation_ids: dict[str, str]  # LOINC code -> id
+    stored: bool = False
+
+
+def slot_id(patient_id: str, slot: int, part: str) -> str:
+    return str(uuid.uuid5(SLOT_NAMESPACE, f"{patient_id}/{slot}/{part}"))
 
 
 class Soak:
     def __init__(self, client: bs.Client, dataset: bs.Dataset, patients: list[bs.PatientRef],
-                 holders: list[ConsentHolder], reads_only: bool = False):
+                 holders: list[ConsentHolder], reads_only: bool = False, ring: int = 0):
         self.client = client
         self.reads_only = reads_only
+        # Steady writes (ring > 0): each patient's slots; a slot being written is taken out.
+        self.free_slots: dict[str, list[Slot]] = {
+            patient.id: [
+                Slot(slot_id(patient.id, number, "Encounter"),
+                     {code: slot_id(patient.id, number, code) for code in TRANSACTION_VITALS})
+                for number in range(ring)
+            ]
+            for patient in patients
+        } if ring > 0 else {}
         self.patients = patients
         self.holders = holders
         self.practitioners = [resource_id for kind, resource_id, _ in dataset.shared if kind == "Practitioner"]
@@ -308,6 +347,9 @@ class Soak:
         self.call(SEARCH_ENCOUNTER, 200, "GET", "/" + query, check=some_match)
 
     def transaction(self, rng: random.Random) -> None:
+        if self.free_slots:
+            self.steady_transaction(rng)
+            return
         patient = rng.choice(self.patients)
         data = self.call(TRANSACTION, 200, "POST", "/", vitals_transaction(patient.id, rng), check=all_created)
         if data is not None:
@@ -318,6 +360,27 @@ class Soak:
             ]
             with self.lock:
                 self.observation_ids.extend(created)
+
+    def steady_transaction(self, rng: random.Random) -> None:
+        """PUTs one of a random patient's slots (never one another thread is writing)."""
+        with self.lock:
+            while True:
+                patient = rng.choice(self.patients)
+                slots = self.free_slots[patient.id]
+                if slots:
+                    slot = slots.pop(rng.randrange(len(slots)))
+                    break
+        try:
+            body = vitals_transaction(patient.id, rng, slot)
+            expected = "200" if slot.stored else "201"
+            if self.call(TRANSACTION, 200, "POST", "/", body, check=lambda data: all_entries(data, expected)):
+                if not slot.stored:
+                    with self.lock:
+                        self.observation_ids.extend(slot.observation_ids.values())
+                slot.stored = True
+        finally:
+            with self.lock:
+                self.free_slots[patient.id].append(slot)
 
     def update(self, rng: random.Random) -> None:
         with self.lock:
@@ -340,7 +403,9 @@ class Soak:
     def consent_change(self, rng: random.Random) -> None:
         holder = self.claim_holder(rng)
         try:
-            if holder.active is None:
+            if self.free_slots:
+                self.steady_consent_change(holder, rng)
+            elif holder.active is None:
                 body = consent_resource(holder.patient_id, rng.choice(self.practitioners))
                 data = self.call(CONSENT_CREATE, 201, "POST", "/Consent", body, token=holder.token, check=has_id)
                 if data is not None:
@@ -353,6 +418,22 @@ class Soak:
                     holder.active = None
         finally:
             holder.lock.release()
+
+    def steady_consent_change(self, holder: ConsentHolder, rng: random.Random) -> None:
+        """PUTs the holder's one Consent active (recording it, 201 the first time) or inactive."""
+        consent_id = slot_id(holder.patient_id, 0, "Consent")
+        if holder.active is None:
+            consent = json.loads(consent_resource(holder.patient_id, rng.choice(self.practitioners)))
+            consent["id"] = consent_id
+            expected = 200 if holder.stored else 201
+            if self.call(CONSENT_CREATE, expected, "PUT", f"/Consent/{consent_id}", json.dumps(consent).encode(),
+                         token=holder.token, check=has_id) is not None:
+                holder.active, holder.stored = consent, True
+        else:
+            withdrawn = dict(holder.active, status="inactive")
+            if self.call(CONSENT_WITHDRAW, 200, "PUT", f"/Consent/{consent_id}", json.dumps(withdrawn).encode(),
+                         token=holder.token) is not None:
+                holder.active = None
 
     def claim_holder(self, rng: random.Random) -> ConsentHolder:
         """A patient no other thread is changing the Consents of (waits if all are busy)."""
@@ -409,53 +490,61 @@ def entry_locations(body: bytes) -> list[str]:
 
 
 def all_created(body: bytes) -> str | None:
+    return all_entries(body, "201")
+
+
+def all_entries(body: bytes, expected: str) -> str | None:
+    """None when the transaction-response has one entry per resource, each with `expected`."""
     answers = entry_answers(body)
     if len(answers) != 1 + len(TRANSACTION_VITALS):
         return f"the transaction-response has {len(answers)} entries"
     statuses = [str(answer.get("status", "")) for answer in answers]
-    if not all(status.startswith("201") for status in statuses):
-        return f"entry statuses {statuses} (expected 201 each)"
+    if not all(status.startswith(expected) for status in statuses):
+        return f"entry statuses {statuses} (expected {expected} each)"
     return None
 
 
-def vitals_transaction(patient_id: str, rng: random.Random) -> bytes:
-    """A new Encounter of the patient and one Observation per vital sign, recorded now."""
+def vitals_transaction(patient_id: str, rng: random.Random, slot: Slot | None = None) -> bytes:
+    """An Encounter of the patient and one Observation per vital sign, recorded now: new ones
+    (POST), or with `slot` the slot's (PUT to its fixed ids)."""
     now = datetime.now(timezone.utc)
     start = (now - timedelta(minutes=20)).isoformat(timespec="seconds")
     end = now.isoformat(timespec="seconds")
     subject = {"reference": f"Patient/{patient_id}"}
-    encounter_url = f"urn:uuid:{uuid.uuid4()}"
-    entries = [{
-        "fullUrl": encounter_url,
-        "resource": {
-            "resourceType": "Encounter",
-            "status": "finished",
-            "class": {"system": ACT_CODE, "code": "AMB"},
-            "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "185349003",
-                                  "display": "Encounter for check up (procedure)"}]}],
-            "subject": subject,
-            "period": {"start": start, "end": end},
-        },
-        "request": {"method": "POST", "url": "Encounter"},
-    }]
+
+    def placed(resource: dict, kind: str, fixed_id: str | None) -> dict:
+        """The entry of `resource`: POSTed under a urn:uuid, or PUT at its fixed id."""
+        if fixed_id is None:
+            return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource,
+                    "request": {"method": "POST", "url": kind}}
+        return {"fullUrl": f"{kind}/{fixed_id}", "resource": dict(resource, id=fixed_id),
+                "request": {"method": "PUT", "url": f"{kind}/{fixed_id}"}}
+
+    encounter = placed({
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": ACT_CODE, "code": "AMB"},
+        "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "185349003",
+                              "display": "Encounter for check up (procedure)"}]}],
+        "subject": subject,
+        "period": {"start": start, "end": end},
+    }, "Encounter", slot.encounter_id if slot else None)
+    encounter_url = encounter["fullUrl"]
+    entries = [encounter]
     for code, (display, unit, low, high) in TRANSACTION_VITALS.items():
-        entries.append({
-            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-            "resource": {
-                "resourceType": "Observation",
-                "status": "final",
-                "category": [{"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                    "code": "vital-signs"}]}],
-                "code": {"coding": [{"system": bs.LOINC, "code": code, "display": display}]},
-                "subject": subject,
-                "encounter": {"reference": encounter_url},
-                "effectiveDateTime": end,
-                "valueQuantity": {"value": rng.randint(low, high), "unit": unit,
-                                  "system": "http://unitsofmeasure.org", "code": unit},
-            },
-            "request": {"method": "POST", "url": "Observation"},
-        })
+        entries.append(placed({
+            "resourceType": "Observation",
+            "status": "final",
+            "category": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                "code": "vital-signs"}]}],
+            "code": {"coding": [{"system": bs.LOINC, "code": code, "display": display}]},
+            "subject": subject,
+            "encounter": {"reference": encounter_url},
+            "effectiveDateTime": end,
+            "valueQuantity": {"value": rng.randint(low, high), "unit": unit,
+                              "system": "http://unitsofmeasure.org", "code": unit},
+        }, "Observation", slot.observation_ids[code] if slot else None))
     return json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}).encode()
 
 
@@ -699,6 +788,9 @@ def report(arguments, loaded: int, load_secs: float, rss_after_load: float | Non
     print("  (* the consent weight covers both consent rows; latencies: send to answer, errors included)")
     if arguments.mix == "reads":
         print("  (--mix reads: transactions, updates and Consent changes left out; weights relative to 75 %)")
+    else:
+        print(f"  (--writes {arguments.writes}" + (f", {arguments.ring} slots per patient)" if arguments.writes == "steady"
+                                                else ": new resources)"))
     start = samples[0][1] if samples else None
     end = samples[-1][1] if samples else None
     peak = max((m for _, m in samples), default=None)
@@ -728,6 +820,7 @@ def report(arguments, loaded: int, load_secs: float, rss_after_load: float | Non
 
     return {
         "backend": arguments.backend, "patients": arguments.patients, "resources": loaded,
+        "mix": arguments.mix, "writes": arguments.writes, "ring": arguments.ring,
         "capacity_per_sec": capacity, "target_per_sec": result.rate,
         "achieved_per_sec": result.sent / window, "seconds": window,
         "scheduled": result.scheduled, "sent": result.sent, "errors": errors,
@@ -767,7 +860,7 @@ def command_run(arguments) -> int:
     if server.rss_mib() is None:
         raise SystemExit(f"no server process {arguments.server_pid}")
     soak = Soak(bs.Client(arguments.base_url, token), dataset, patients, holders,
-                reads_only=arguments.mix == "reads")
+                reads_only=arguments.mix == "reads", ring=arguments.ring if arguments.writes == "steady" else 0)
 
     log(f"loading {arguments.patients} patients ({dataset.resources_for(copies)} resources) as transactions")
     started = time.monotonic()
@@ -831,11 +924,15 @@ def main() -> int:
     run.add_argument("--seed", type=int, default=1)
     run.add_argument("--mix", choices=["full", "reads"], default="full",
                      help="reads: only the reads and searches (same relative weights), so the data does not grow")
+    run.add_argument("--writes", choices=["steady", "growing"], default="steady",
+                     help="steady: transactions and Consent changes write fixed ids (new versions); growing: new resources")
+    run.add_argument("--ring", type=int, default=4, help="steady writes: slots of (Encounter, Observations) per patient")
     run.add_argument("--results", help="append a JSON line of the results to this file")
     run.add_argument("--analyze-database-url", help="PostgreSQL to ANALYZE after loading")
     arguments = parser.parse_args()
-    if arguments.command == "run" and not (arguments.load > 0 and arguments.seconds > 0 and arguments.workers > 0):
-        raise SystemExit("--load, --seconds and --workers must be positive")
+    if arguments.command == "run" and not (arguments.load > 0 and arguments.seconds > 0 and arguments.workers > 0
+                                           and arguments.ring > 0):
+        raise SystemExit("--load, --seconds, --workers and --ring must be positive")
     handlers = {"patients": command_patients, "run": command_run}
     return handlers[arguments.command](arguments)
 
