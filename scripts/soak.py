@@ -373,7 +373,8 @@ class Soak:
         try:
             body = vitals_transaction(patient.id, rng, slot)
             expected = "200" if slot.stored else "201"
-            if self.call(TRANSACTION, 200, "POST", "/", body, check=lambda data: all_entries(data, expected)):
+            answer = self.call(TRANSACTION, 200, "POST", "/", body, check=lambda data: all_entries(data, expected))
+            if answer is not None:
                 if not slot.stored:
                     with self.lock:
                         self.observation_ids.extend(slot.observation_ids.values())
@@ -512,15 +513,17 @@ def vitals_transaction(patient_id: str, rng: random.Random, slot: Slot | None = 
     end = now.isoformat(timespec="seconds")
     subject = {"reference": f"Patient/{patient_id}"}
 
-    def placed(resource: dict, kind: str, fixed_id: str | None) -> dict:
-        """The entry of `resource`: POSTed under a urn:uuid, or PUT at its fixed id."""
+    def placed(resource: dict, kind: str, fixed_id: str | None) -> tuple[dict, str]:
+        """The entry of `resource` (POSTed under a urn:uuid, or PUT at its fixed id) and how
+        the other entries refer to it."""
         if fixed_id is None:
-            return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource,
-                    "request": {"method": "POST", "url": kind}}
-        return {"fullUrl": f"{kind}/{fixed_id}", "resource": dict(resource, id=fixed_id),
-                "request": {"method": "PUT", "url": f"{kind}/{fixed_id}"}}
+            full_url = f"urn:uuid:{uuid.uuid4()}"
+            return ({"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": kind}},
+                    full_url)
+        return ({"resource": dict(resource, id=fixed_id), "request": {"method": "PUT", "url": f"{kind}/{fixed_id}"}},
+                f"{kind}/{fixed_id}")
 
-    encounter = placed({
+    encounter, encounter_reference = placed({
         "resourceType": "Encounter",
         "status": "finished",
         "class": {"system": ACT_CODE, "code": "AMB"},
@@ -529,7 +532,6 @@ def vitals_transaction(patient_id: str, rng: random.Random, slot: Slot | None = 
         "subject": subject,
         "period": {"start": start, "end": end},
     }, "Encounter", slot.encounter_id if slot else None)
-    encounter_url = encounter["fullUrl"]
     entries = [encounter]
     for code, (display, unit, low, high) in TRANSACTION_VITALS.items():
         entries.append(placed({
@@ -540,11 +542,11 @@ def vitals_transaction(patient_id: str, rng: random.Random, slot: Slot | None = 
                 "code": "vital-signs"}]}],
             "code": {"coding": [{"system": bs.LOINC, "code": code, "display": display}]},
             "subject": subject,
-            "encounter": {"reference": encounter_url},
+            "encounter": {"reference": encounter_reference},
             "effectiveDateTime": end,
             "valueQuantity": {"value": rng.randint(low, high), "unit": unit,
                               "system": "http://unitsofmeasure.org", "code": unit},
-        }, "Observation", slot.observation_ids[code] if slot else None))
+        }, "Observation", slot.observation_ids[code] if slot else None)[0])
     return json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}).encode()
 
 
