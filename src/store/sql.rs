@@ -1775,7 +1775,8 @@ fn like_prefix(prefix: &str) -> String {
 }
 
 /// The SQL of a candidate query, in (type, id) order when `ordered` (else the database may stop
-/// at the limit without sorting). Every client value is bound, never spliced into the text.
+/// at the limit without sorting; a lone walked term is in id order either way). Every client
+/// value is bound, never spliced into the text.
 fn candidate_statement(
     backend: Backend,
     scope: &Scope,
@@ -1824,9 +1825,12 @@ fn candidate_statement(
     // day or 5,000 of one gender for a page of 50 or 10. (A term's rows are unique per
     // resource: the index keeps each parameter's terms deduplicated.) Not beside probes: in
     // the join form PostgreSQL turned a probe into a hash of every row of its term (all 35,000
-    // Observations of one code, to check the 35 of one patient).
+    // Observations of one code, to check the 35 of one patient). Counting walks too (the chain
+    // and `_has` strategy counts, bounded by their LIMIT): as `IN (subquery)` PostgreSQL
+    // deduplicated every row of the term before the LIMIT applied (all 35,000 Observations of
+    // one code, 19–47 ms, to count 125), the walk reads 125 (about 1 ms).
     let walked = match (
-        ordered && first_drives && query.filters.len() == 1,
+        first_drives && query.filters.len() == 1,
         types.as_deref(),
         query.filters.first(),
     ) {
@@ -2417,6 +2421,23 @@ mod tests {
                 && walked.contains("ORDER BY d.resource_id LIMIT"),
             "{walked}"
         );
+        // A count (unordered) walks a lone term the same way, so that its LIMIT bounds the
+        // index rows read instead of applying after every row of the term was deduplicated.
+        let lone = CandidateQuery {
+            resource_types: vec!["Observation".into()],
+            filters: vec![patient.clone()],
+            after: None,
+            limit: 125,
+        };
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let counted = candidate_statement(backend, &Scope::system("t"), &lone, false).0;
+            assert!(!counted.contains("IN (SELECT"), "{counted}");
+            assert!(
+                counted.contains("FROM search_terms d JOIN resource_heads h")
+                    && counted.contains("ORDER BY d.resource_id LIMIT"),
+                "{counted}"
+            );
+        }
         let probed = statement_of(vec![patient.clone(), since_2020.clone(), absent.clone()]);
         assert!(!probed.contains("search_terms d"), "{probed}");
         assert_eq!(probed.matches("IN (SELECT").count(), 1, "{probed}");
