@@ -4,7 +4,8 @@
 //! Durability, fail closed: a read's response is sent only after its audit record is committed;
 //! if it cannot be, the request answers 503 and returns no data. Appends from many concurrent
 //! requests are gathered by one writer task into a single transaction (group commit), so the
-//! cost of a commit is shared instead of paid per request.
+//! cost of a commit is shared instead of paid per request. Each writer keeps a database
+//! connection of its own, so that a group costs one round trip.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
 use super::merkle::{self, Frontier, Hash};
-use crate::store::{AuditEntry, Checkpoint, Store, StoreError};
+use crate::store::{AuditEntry, Checkpoint, HeldConnection, Store, StoreError};
 
 /// Most records one group commit writes.
 const MAX_BATCH: usize = 512;
@@ -76,6 +77,7 @@ async fn write_batches(
     store: Arc<dyn Store>,
     receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
 ) {
+    let mut held = HeldConnection::default();
     loop {
         // Take everything waiting (at least one record), then let another writer take the next.
         let batch = {
@@ -92,17 +94,20 @@ async fn write_batches(
             }
             batch
         };
-        let entries: Vec<AuditEntry> = batch.iter().map(|pending| pending.entry.clone()).collect();
-        match store.append_audit(&entries).await {
+        let (entries, waiting): (Vec<AuditEntry>, Vec<_>) = batch
+            .into_iter()
+            .map(|pending| (pending.entry, pending.done))
+            .unzip();
+        match store.append_audit_held(&mut held, &entries).await {
             Ok(ids) => {
-                for (pending, id) in batch.into_iter().zip(ids) {
-                    let _ = pending.done.send(Ok(id));
+                for (done, id) in waiting.into_iter().zip(ids) {
+                    let _ = done.send(Ok(id));
                 }
             }
             Err(error) => {
                 tracing::error!(%error, records = entries.len(), "audit append failed");
-                for pending in batch {
-                    let _ = pending.done.send(Err(error.to_string()));
+                for done in waiting {
+                    let _ = done.send(Err(error.to_string()));
                 }
             }
         }

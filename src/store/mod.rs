@@ -14,7 +14,7 @@
 
 mod sql;
 
-pub use sql::{SqlStore, AUDIT_IDLE_CHECK};
+pub use sql::{HeldConnection, SqlStore, AUDIT_IDLE_CHECK};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -529,6 +529,21 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; then nothing was appended.
     async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>>;
+
+    /// Appends like [`Store::append_audit`], on the connection `held` keeps between calls: a
+    /// group-commit writer's own, out of the pool, so that a group costs one round trip
+    /// instead of three (sqlx pings a pooled connection when it is acquired and when it is
+    /// released). A held connection idle for a second is pinged first; one whose append failed
+    /// is dropped, and the next call opens another. The caller must not abandon the call
+    /// midway (a writer task runs it to the end).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; then nothing was appended.
+    async fn append_audit_held(
+        &self,
+        held: &mut HeldConnection,
+        entries: &[AuditEntry],
+    ) -> StoreResult<Vec<i64>>;
 
     /// Gives committed records not yet in the log the next dense sequence numbers (at most
     /// `limit`), with their leaf hashes; one sequencer at a time across all processes. Returns

@@ -11,7 +11,7 @@ mod export;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -55,6 +55,28 @@ fn statement_timeout_statement(milliseconds: u128) -> String {
 
 /// Longest wait for SQLite's writer turn before a write is answered as unavailable (503).
 const WRITER_TURN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A held connection idle this long is pinged before its next use. Busy, it is not: a pooled
+/// connection costs a ping on every acquire and another on every release (sqlx), and for a
+/// group-commit writer those are two of its three round trips.
+const HELD_CONNECTION_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// A connection one audit group-commit writer keeps for its appends, out of the pool (see
+/// [`Store::append_audit_held`]). Empty at first; filled on first use, and emptied after a
+/// failed append.
+pub struct HeldConnection {
+    connection: Option<sqlx::AnyConnection>,
+    last_used: Instant,
+}
+
+impl Default for HeldConnection {
+    fn default() -> Self {
+        HeldConnection {
+            connection: None,
+            last_used: Instant::now(),
+        }
+    }
+}
 
 const VERSION_COLUMNS: &str =
     "v.sequence, v.resource_type, v.resource_id, v.version_id, v.method, \
@@ -233,13 +255,11 @@ impl SqlStore {
         Option<tokio::sync::OwnedMutexGuard<()>>,
     )> {
         let turn = self.sqlite_writer_turn().await?;
-        // SQLite: take the write lock up front so that two writers queue on the busy timeout
-        // instead of failing when a read lock cannot be upgraded.
-        let statement = match self.backend {
-            Backend::Sqlite => "BEGIN IMMEDIATE",
-            Backend::Postgres => "BEGIN",
-        };
-        let transaction = self.pool.begin_with(statement).await.map_err(classify)?;
+        let transaction = self
+            .pool
+            .begin_with(begin_statement(self.backend))
+            .await
+            .map_err(classify)?;
         Ok((transaction, turn))
     }
 
@@ -372,18 +392,33 @@ impl SqlStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        if entries.len() <= AUDIT_EXACT_SHAPES {
-            // One statement is atomic by itself: no BEGIN and COMMIT round trips around it.
-            // Group commits are mostly this small (a few reads' records), and on PostgreSQL
-            // each round trip costs both processes a wake-up.
-            let _turn = self.sqlite_writer_turn().await?;
-            let mut connection = self.pool.acquire().await.map_err(classify)?;
-            return insert_audit_rows(&mut connection, entries).await;
+        let _turn = self.sqlite_writer_turn().await?;
+        let mut connection = self.pool.acquire().await.map_err(classify)?;
+        append_audit_on(&mut connection, self.backend, entries).await
+    }
+
+    /// The connection `held` keeps, checked with a ping when it has been idle for
+    /// [`HELD_CONNECTION_CHECK_AFTER`] (a database restart or a terminated backend leaves it
+    /// dead), else a new one taken out of the pool.
+    async fn held_connection<'held>(
+        &self,
+        held: &'held mut HeldConnection,
+    ) -> StoreResult<&'held mut sqlx::AnyConnection> {
+        let dead = match held.connection.as_mut() {
+            Some(connection) => {
+                held.last_used.elapsed() >= HELD_CONNECTION_CHECK_AFTER
+                    && sqlx::Connection::ping(connection).await.is_err()
+            }
+            None => false,
+        };
+        if dead {
+            held.connection = None;
         }
-        let (mut transaction, _turn) = self.begin().await?;
-        let sequences = append_audit_in(&mut transaction, entries).await?;
-        transaction.commit().await.map_err(classify)?;
-        Ok(sequences)
+        let connection = match held.connection.take() {
+            Some(connection) => connection,
+            None => self.pool.acquire().await.map_err(classify)?.detach(),
+        };
+        Ok(held.connection.insert(connection))
     }
 
     async fn sequence_pending_now(&self, limit: i64, lookback: i64) -> StoreResult<i64> {
@@ -747,6 +782,27 @@ impl Store for SqlStore {
     async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<i64>> {
         let (store, entries) = (self.clone(), entries.to_vec());
         detached(async move { store.append_audit_now(&entries).await }).await
+    }
+
+    async fn append_audit_held(
+        &self,
+        held: &mut HeldConnection,
+        entries: &[AuditEntry],
+    ) -> StoreResult<Vec<i64>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _turn = self.sqlite_writer_turn().await?;
+        let connection = self.held_connection(held).await?;
+        let appended = append_audit_on(connection, self.backend, entries).await;
+        if appended.is_ok() {
+            held.last_used = Instant::now();
+        } else {
+            // The connection may be broken, or left inside a transaction: the next group takes
+            // a new one.
+            held.connection = None;
+        }
+        appended
     }
 
     async fn sequence_pending(&self, limit: i64, lookback: i64) -> StoreResult<i64> {
@@ -2289,8 +2345,38 @@ impl IndexInserts {
 
 /// Inserts audit records inside an open transaction (a write's own, or a group commit's). No
 /// lock is taken: records get their place in the log later, from the sequencer.
+/// The statement that begins a write transaction. SQLite: take the write lock up front so
+/// that two writers queue on the busy timeout instead of failing when a read lock cannot be
+/// upgraded.
+fn begin_statement(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+        Backend::Postgres => "BEGIN",
+    }
+}
+
+/// Appends a group of audit records on `connection`, committed when this returns Ok. Up to
+/// [`AUDIT_EXACT_SHAPES`] records are one statement, atomic by itself: no BEGIN and COMMIT
+/// round trips around it. Group commits are mostly this small (a few reads' records), and on
+/// PostgreSQL each round trip costs both processes a wake-up.
+async fn append_audit_on(
+    connection: &mut sqlx::AnyConnection,
+    backend: Backend,
+    entries: &[AuditEntry],
+) -> StoreResult<Vec<i64>> {
+    if entries.len() <= AUDIT_EXACT_SHAPES {
+        return insert_audit_rows(connection, entries).await;
+    }
+    let mut transaction = sqlx::Connection::begin_with(connection, begin_statement(backend))
+        .await
+        .map_err(classify)?;
+    let ids = append_audit_in(&mut transaction, entries).await?;
+    transaction.commit().await.map_err(classify)?;
+    Ok(ids)
+}
+
 async fn append_audit_in(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    connection: &mut sqlx::AnyConnection,
     entries: &[AuditEntry],
 ) -> StoreResult<Vec<i64>> {
     // Many rows per statement: a group commit costs a few round trips, not one per record, and
@@ -2300,7 +2386,7 @@ async fn append_audit_in(
     for size in insert_chunk_sizes(entries.len()) {
         let (chunk, after) = rest.split_at(size);
         rest = after;
-        ids.extend(insert_audit_rows(transaction, chunk).await?);
+        ids.extend(insert_audit_rows(connection, chunk).await?);
     }
     Ok(ids)
 }

@@ -592,3 +592,61 @@ async fn proofs_sqlite() {
 async fn proofs_postgres() {
     proofs_and_compliance_endpoints(Backend::Postgres).await;
 }
+
+/// Ends every session on the app's PostgreSQL database but the caller's own, as a database
+/// restart or an administrator would.
+async fn terminate_sessions(app: &TestApp) {
+    use sqlx::Connection;
+    let (server, database) = app
+        .database_url
+        .rsplit_once('/')
+        .expect("a database URL ends with its name");
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .expect("connect to PostgreSQL");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .fetch_all(&mut admin)
+    .await
+    .expect("pg_terminate_backend");
+    assert!(ended.contains(&true), "no session was ended");
+}
+
+/// A group-commit writer keeps a connection of its own (out of the pool, which pings on every
+/// acquire and release). When the database ends it: one used within the last second fails
+/// one group (503, nothing returned) and is replaced for the next; one idle longer is pinged
+/// and replaced before it is used, so no read fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_writer_connection_is_replaced_postgres() {
+    // One writer, so that the reads below all go through the same connection.
+    let Some(app) = spawn_app_with(Backend::Postgres, |settings| settings.audit.writers = 1).await
+    else {
+        return;
+    };
+    let id = app
+        .create_id(&json!({"resourceType": "Patient", "name": [{"family": "Held"}]}))
+        .await;
+    let read = || async { app.get(&format!("Patient/{id}")).await.status().as_u16() };
+    assert_eq!(read().await, 200);
+
+    // Used a moment ago: at most the next read fails, and the ones after it are served.
+    terminate_sessions(&app).await;
+    let statuses = [read().await, read().await, read().await];
+    assert!(
+        matches!(statuses, [200 | 503, 200, 200]),
+        "reads after the writer's connection ended: {statuses:?}"
+    );
+
+    // Idle for longer than the check interval: pinged and replaced before use.
+    terminate_sessions(&app).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    assert_eq!(
+        read().await,
+        200,
+        "a read after an idle writer's connection ended"
+    );
+    assert_eq!(read().await, 200);
+}
