@@ -2343,8 +2343,6 @@ impl IndexInserts {
     }
 }
 
-/// Inserts audit records inside an open transaction (a write's own, or a group commit's). No
-/// lock is taken: records get their place in the log later, from the sequencer.
 /// The statement that begins a write transaction. SQLite: take the write lock up front so
 /// that two writers queue on the busy timeout instead of failing when a read lock cannot be
 /// upgraded.
@@ -2375,6 +2373,9 @@ async fn append_audit_on(
     Ok(ids)
 }
 
+/// Inserts audit records on a connection inside an open transaction (a write's own, or a
+/// group commit's). No lock is taken: records get their place in the log later, from the
+/// sequencer.
 async fn append_audit_in(
     connection: &mut sqlx::AnyConnection,
     entries: &[AuditEntry],
