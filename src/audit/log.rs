@@ -115,7 +115,9 @@ async fn write_batches(
 }
 
 /// The leaf hash of a record: its sequence number (8 bytes, big-endian) then its bytes, so that
-/// a record moved to another position no longer matches.
+/// a record moved to another position no longer matches. On PostgreSQL the sequencer computes
+/// the same hash in SQL (`place_pending_in_database` in src/store/sql.rs): change both together;
+/// `custodian audit verify` recomputes every leaf with this function.
 pub fn record_leaf(sequence: i64, record: &[u8]) -> Hash {
     let mut data = Vec::with_capacity(8 + record.len());
     data.extend_from_slice(&sequence.to_be_bytes());

@@ -227,6 +227,20 @@ fn replace_in_record(backend: Backend, sequence: i64, from: &str, to: &str) -> S
     }
 }
 
+/// Deletes the row in audit_records of the record placed at `sequence`, leaving its audit_log
+/// entry (on SQLite with the foreign key's enforcement turned off, as a superuser could).
+fn delete_record_row(backend: Backend, sequence: i64) -> String {
+    let delete = format!(
+        "DELETE FROM audit_records WHERE record_id = (SELECT record_id FROM audit_log WHERE sequence = {sequence});"
+    );
+    match backend {
+        Backend::Sqlite => {
+            format!("DROP TRIGGER audit_records_no_delete; PRAGMA foreign_keys = OFF; {delete}")
+        }
+        Backend::Postgres => delete,
+    }
+}
+
 async fn tampering_is_found_and_named(backend: Backend) {
     let cases: Vec<(&str, String, &str)> = vec![
         ("a changed field", replace_in_record(backend, 3, "\"outcome\":201", "\"outcome\":200"), "record 3 was altered"),
@@ -239,6 +253,9 @@ async fn tampering_is_found_and_named(backend: Backend) {
             "record 1 was altered",
         ),
         ("a removed tail", "DELETE FROM audit_log WHERE sequence >= 6;".into(), "missing"),
+        // The record's own row deleted, its place in the log left behind (on PostgreSQL no
+        // foreign key joins the two since migration 0011): verify must name the hole.
+        ("a record deleted under its place", delete_record_row(backend, 4), "record 4 is missing"),
         (
             "a forged checkpoint signature",
             "UPDATE audit_checkpoints SET signature = leaf_hash_placeholder;".into(),
