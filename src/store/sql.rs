@@ -503,12 +503,9 @@ async fn place_pending_here(
         .map_err(classify)?;
     const ROWS_PER_STATEMENT: usize = 300;
     for (chunk_index, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|row| format!("(${}, ${}, ${})", row * 3 + 1, row * 3 + 2, row * 3 + 3))
-            .collect();
         let statement = format!(
             "INSERT INTO audit_log (sequence, record_id, leaf_hash) VALUES {}",
-            rows.join(", ")
+            values_placeholders(chunk.len(), 3)
         );
         let mut query = sqlx::query(&statement);
         for (offset, row) in chunk.iter().enumerate() {
