@@ -535,7 +535,9 @@ pub trait Store: Send + Sync + 'static {
     /// instead of three (sqlx pings a pooled connection when it is acquired and when it is
     /// released). A held connection idle for a second is pinged first; one whose append failed
     /// is dropped, and the next call opens another. The caller must not abandon the call
-    /// midway (a writer task runs it to the end).
+    /// midway (a writer task runs it to the end). On SQLite the records go to the read-audit
+    /// journal beside the database (ids there are journal ids), and the sequencer copies them
+    /// into the log before placing them.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; then nothing was appended.

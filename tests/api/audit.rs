@@ -10,7 +10,9 @@ use custodian::store::AUDIT_IDLE_CHECK;
 use serde_json::{json, Value};
 
 use crate::both_backends;
-use crate::helpers::{repo_dir, spawn_app_with, Backend, TestApp, FHIR_JSON};
+use crate::helpers::{
+    read_audit_journal_path, repo_dir, spawn_app, spawn_app_with, Backend, TestApp, FHIR_JSON,
+};
 
 fn compliance_officer() -> DevTokenRequest {
     DevTokenRequest {
@@ -299,6 +301,16 @@ async fn a_failing_audit_fails_the_request(app: TestApp) {
              CREATE TRIGGER audit_sabotage BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION audit_sabotage();",
     };
     app.execute_script(sabotage).await;
+    if let Some(journal) = read_audit_journal_path(&app.database_url) {
+        // On SQLite a read's record goes to the read-audit journal: it fails there.
+        app.execute_script(&format!(
+            "ATTACH DATABASE '{}' AS journal; \
+             CREATE TRIGGER journal.journal_sabotage BEFORE INSERT ON audit_journal \
+             BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
+            journal.display()
+        ))
+        .await;
+    }
     let read = app.get(&format!("Patient/{id}")).await;
     assert_eq!(read.status(), 503);
     assert!(
@@ -316,6 +328,66 @@ async fn a_failing_audit_fails_the_request(app: TestApp) {
     );
 }
 both_backends!(fail_closed, super::a_failing_audit_fails_the_request);
+
+/// On SQLite a read's record commits first to the read-audit journal beside the database, and
+/// the sequencer copies it into the log. A record the journal still holds when the server
+/// stops (a crash right after the read was answered) is copied by the next process, exactly
+/// once, and the log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_record_is_copied_once_by_the_next_process() {
+    let app = spawn_app(Backend::Sqlite)
+        .await
+        .expect("SQLite always runs");
+    let id = app
+        .create_id(&json!({"resourceType": "Patient", "active": true}))
+        .await;
+    app.get_json(&format!("Patient/{id}"), 200).await;
+    let reads = "SELECT COUNT(*) FROM audit_records WHERE interaction = 'read'";
+    assert_eq!(
+        app.count(reads).await,
+        1,
+        "the read's record reached the log"
+    );
+    let journal = read_audit_journal_path(&app.database_url).expect("a SQLite journal");
+    let database_url = app.database_url.clone();
+    let app = app
+        .restart(|_| {
+            // Between the two processes: a read's record left in the journal, uncopied.
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let mut main =
+                        <sqlx::AnyConnection as sqlx::Connection>::connect(&database_url)
+                            .await
+                            .expect("database");
+                    sqlx::raw_sql(&format!(
+                        "ATTACH DATABASE '{}' AS journal; \
+                         INSERT INTO journal.audit_journal (tenant, recorded_us, interaction, \
+                           resource_type, resource_id, outcome, agent, patient, record) \
+                         SELECT tenant, recorded_us, interaction, resource_type, resource_id, \
+                                outcome, agent, patient, record \
+                         FROM audit_records WHERE interaction = 'read';",
+                        journal.display()
+                    ))
+                    .execute(&mut main)
+                    .await
+                    .expect("leave a record in the journal");
+                })
+            })
+        })
+        .await;
+    assert!(
+        eventually_counts(&app, reads, 2).await,
+        "the next process copies the journal's record"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(app.count(reads).await, 2, "copied once, not again");
+    let (ok, text) = audit_cli(&app, &["verify"]);
+    assert!(ok, "the log verifies: {text}");
+    assert!(
+        text.contains("3 records"),
+        "create, read, copied read: {text}"
+    );
+}
 
 /// The sequencer's idle tick, ten times a second on every node, probes the two tables' highest
 /// ids and never reads either in full, however long the log grows (it once read every placed

@@ -334,9 +334,14 @@ impl TestApp {
             .expect("request")
     }
 
-    /// A direct connection to the test database.
+    /// A direct connection to the test database. On SQLite it first waits until the server has
+    /// copied reads' audit records from its read-audit journal into `audit_records` (its
+    /// sequencer does so every 100 ms), so that a test sees the records of the requests it made.
     async fn connect(&self) -> sqlx::AnyConnection {
         sqlx::any::install_default_drivers();
+        if let Some(journal) = read_audit_journal_path(&self.database_url) {
+            settle_read_audit_journal(&journal, &self.database_url).await;
+        }
         sqlx::AnyConnection::connect(&self.database_url)
             .await
             .expect("connect to the test database")
@@ -495,4 +500,54 @@ pub fn without_server_fields(mut resource: serde_json::Value) -> serde_json::Val
         }
     }
     resource
+}
+
+/// The read-audit journal beside a SQLite test database (`<database>-read-audit`, see
+/// `ReadAuditJournal` in src/store/sql.rs); `None` on PostgreSQL.
+pub fn read_audit_journal_path(database_url: &str) -> Option<PathBuf> {
+    let rest = database_url.strip_prefix("sqlite://")?;
+    let path = rest.split('?').next().unwrap_or_default();
+    Some(PathBuf::from(format!("{path}-read-audit")))
+}
+
+/// Waits (at most 10 s) until the server has copied every record of the read-audit journal at
+/// `journal` into the log's table of the database at `database_url` (the journal keeps copied
+/// rows for a while; the main database's `audit_journal_progress` says how far copying got).
+async fn settle_read_audit_journal(journal: &std::path::Path, database_url: &str) {
+    if !journal.exists() {
+        return;
+    }
+    let url = format!("sqlite://{}?mode=ro", journal.display());
+    let (Ok(mut journal), Ok(mut main)) = (
+        sqlx::AnyConnection::connect(&url).await,
+        sqlx::AnyConnection::connect(database_url).await,
+    ) else {
+        return;
+    };
+    let Ok(identity) =
+        sqlx::query_scalar::<_, String>("SELECT identity FROM journal_identity WHERE id = 1")
+            .fetch_one(&mut journal)
+            .await
+    else {
+        return;
+    };
+    for _ in 0..1000 {
+        let newest: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(journal_id), 0) FROM audit_journal")
+                .fetch_one(&mut journal)
+                .await
+                .unwrap_or(0);
+        let copied: i64 = sqlx::query_scalar(
+            "SELECT COALESCE((SELECT copied_through FROM audit_journal_progress \
+                              WHERE journal = $1), 0)",
+        )
+        .bind(&identity)
+        .fetch_one(&mut main)
+        .await
+        .unwrap_or(0);
+        if newest <= copied {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
