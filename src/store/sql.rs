@@ -596,13 +596,19 @@ impl SqlStore {
 
 impl SqlStore {
     /// Copies the read-audit journal's records into `audit_records` (exactly once, see
-    /// [`ReadAuditJournal`]), then deletes them from the journal.
+    /// [`ReadAuditJournal`]); the group-commit writer deletes them from the journal later.
     async fn copy_read_journal(&self, journal: &ReadAuditJournal) -> StoreResult<()> {
+        // Rows this process copied stay in the journal until the writer deletes them: skipped
+        // here, so that a tick with nothing new takes no write lock on the main database.
+        let known_copied = journal
+            .copied_through
+            .load(std::sync::atomic::Ordering::Relaxed);
         let pending = sqlx::query(
             "SELECT journal_id, tenant, recorded_us, interaction, resource_type, resource_id, \
                     outcome, agent, patient, record \
-             FROM audit_journal ORDER BY journal_id LIMIT $1",
+             FROM audit_journal WHERE journal_id > $1 ORDER BY journal_id LIMIT $2",
         )
+        .bind(known_copied)
         .bind(JOURNAL_COPY_BATCH)
         .fetch_all(&journal.pool)
         .await
