@@ -1059,18 +1059,18 @@ impl Store for SqlStore {
                 .copied_through
                 .load(std::sync::atomic::Ordering::Relaxed)
         });
-        let deleted_through = held.journal_deleted_through;
+        let delete_copied = delete_through - held.journal_deleted_through >= JOURNAL_DELETE_EVERY;
         let connection = self.held_connection(held).await?;
-        let appended = if delete_through - deleted_through >= JOURNAL_DELETE_EVERY {
+        let appended = if delete_copied {
             delete_copied_and_append(connection, delete_through, entries).await
         } else {
             append_audit_on(connection, self.backend, table, entries).await
         };
-        if appended.is_ok() && delete_through - deleted_through >= JOURNAL_DELETE_EVERY {
-            held.journal_deleted_through = delete_through;
-        }
         if appended.is_ok() {
             held.last_used = Instant::now();
+            if delete_copied {
+                held.journal_deleted_through = delete_through;
+            }
         } else {
             // The connection may be broken, or left inside a transaction: the next group takes
             // a new one.
