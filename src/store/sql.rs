@@ -614,8 +614,7 @@ impl SqlStore {
                 .map_err(classify)?
                 .try_get(0)
                 .map_err(internal)?;
-        let copy_through = journal_last.min(known_copied + JOURNAL_COPY_BATCH);
-        if lookback == 0 && copy_through <= known_copied && !self.records_await_placing().await? {
+        if lookback == 0 && journal_last <= known_copied && !self.records_await_placing().await? {
             return Ok(0);
         }
         let mut copier = journal.copier.lock().await;
@@ -624,14 +623,14 @@ impl SqlStore {
             Some(connection) => connection,
             None => self.connect_copier(journal).await?,
         };
-        let count =
-            copy_and_place_on(&mut connection, journal, copy_through, limit, lookback).await?;
+        let (count, copied_through) =
+            copy_and_place_on(&mut connection, journal, journal_last, limit, lookback).await?;
         // Kept only after a copy that succeeded: a failed one may have broken the connection.
         *copier = Some(connection);
         // Copied now or earlier: the writer deletes them (see `copied_through`).
         journal
             .copied_through
-            .fetch_max(copy_through, std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(copied_through, std::sync::atomic::Ordering::Relaxed);
         Ok(count)
     }
 
@@ -657,16 +656,17 @@ impl SqlStore {
 }
 
 /// The copy and the placement of [`SqlStore::copy_and_place`], on the copier's connection:
-/// journal records up to `copy_through` that the main database has not recorded as copied go
-/// into `audit_records` in journal order, the progress moves to `copy_through`, and pending
-/// records take their places, all committed together.
+/// journal records the main database has not recorded as copied, up to `journal_last` and at
+/// most [`JOURNAL_COPY_BATCH`], go into `audit_records` in journal order, the progress moves
+/// past them, and pending records take their places, all committed together. Returns how many
+/// records were placed and how far the journal is copied now.
 async fn copy_and_place_on(
     connection: &mut sqlx::AnyConnection,
     journal: &ReadAuditJournal,
-    copy_through: i64,
+    journal_last: i64,
     limit: i64,
     lookback: i64,
-) -> StoreResult<i64> {
+) -> StoreResult<(i64, i64)> {
     // DEFERRED (see [`ReadAuditJournal`]); the first statement writes, so the main database's
     // write lock is taken at once, as `BEGIN IMMEDIATE` would.
     let mut transaction = sqlx::Connection::begin_with(connection, "BEGIN DEFERRED")
@@ -683,6 +683,10 @@ async fn copy_and_place_on(
     .map_err(classify)?
     .try_get(0)
     .map_err(internal)?;
+    // A batch beyond the main database's progress, not beyond what this process knows: a
+    // process that just started knows nothing yet, and would otherwise step through every
+    // journal id ever used before it reached the new records.
+    let copy_through = journal_last.min(progress + JOURNAL_COPY_BATCH);
     let copies = copy_through > progress;
     if copies {
         sqlx::query(
@@ -714,7 +718,7 @@ async fn copy_and_place_on(
     } else {
         transaction.rollback().await.map_err(classify)?;
     }
-    Ok(count)
+    Ok((count, copy_through.max(progress)))
 }
 
 /// Takes the audit counter row's lock, which makes one sequencer at a time across all

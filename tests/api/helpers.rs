@@ -510,9 +510,10 @@ pub fn read_audit_journal_path(database_url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(format!("{path}-read-audit")))
 }
 
-/// Waits (at most 10 s) until the server has copied every record of the read-audit journal at
-/// `journal` into the log's table of the database at `database_url` (the journal keeps copied
-/// rows for a while; the main database's `audit_journal_progress` says how far copying got).
+/// Waits (at most 10 s, then fails the test: the server copies every 100 ms) until the server
+/// has copied every record of the read-audit journal at `journal` into the log's table of the
+/// database at `database_url` (the journal keeps copied rows for a while; the main database's
+/// `audit_journal_progress` says how far copying got).
 async fn settle_read_audit_journal(journal: &std::path::Path, database_url: &str) {
     if !journal.exists() {
         return;
@@ -550,4 +551,5 @@ async fn settle_read_audit_journal(journal: &std::path::Path, database_url: &str
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    panic!("the read-audit journal was not copied into the log within 10 s");
 }
