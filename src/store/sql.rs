@@ -571,7 +571,8 @@ impl SqlStore {
             return Ok(0);
         }
         let (mut transaction, _turn) = self.begin().await?;
-        let count = place_pending_in(&mut transaction, self.backend, limit, lookback).await?;
+        let next = lock_audit_counter(&mut transaction).await?;
+        let count = place_pending_in(&mut transaction, self.backend, next, limit, lookback).await?;
         if count > 0 {
             transaction.commit().await.map_err(classify)?;
         }
@@ -672,7 +673,7 @@ async fn copy_and_place_on(
     let mut transaction = sqlx::Connection::begin_with(connection, "BEGIN DEFERRED")
         .await
         .map_err(classify)?;
-    lock_audit_counter(&mut transaction).await?;
+    let next = lock_audit_counter(&mut transaction).await?;
     let progress: i64 = sqlx::query(
         "SELECT COALESCE((SELECT copied_through FROM audit_journal_progress \
                           WHERE journal = $1), 0)",
@@ -712,7 +713,7 @@ async fn copy_and_place_on(
         .await
         .map_err(classify)?;
     }
-    let count = place_pending_in(&mut transaction, Backend::Sqlite, limit, lookback).await?;
+    let count = place_pending_in(&mut transaction, Backend::Sqlite, next, limit, lookback).await?;
     if copies || count > 0 {
         transaction.commit().await.map_err(classify)?;
     } else {
@@ -734,15 +735,16 @@ async fn lock_audit_counter(transaction: &mut sqlx::AnyConnection) -> StoreResul
     .map_err(internal)
 }
 
-/// Gives pending records their places from the next sequence number on, inside `transaction`
-/// (which its caller commits when this returns more than zero).
+/// Gives pending records their places from `next` on, inside `transaction`, which holds the
+/// counter row's lock ([`lock_audit_counter`]) and which its caller commits when this returns
+/// more than zero.
 async fn place_pending_in(
     transaction: &mut sqlx::AnyConnection,
     backend: Backend,
+    next: i64,
     limit: i64,
     lookback: i64,
 ) -> StoreResult<i64> {
-    let next = lock_audit_counter(transaction).await?;
     let highest_placed: i64 = sqlx::query("SELECT COALESCE(MAX(record_id), 0) FROM audit_log")
         .fetch_one(&mut *transaction)
         .await
