@@ -252,12 +252,7 @@ impl SqlStore {
                 let session_setup = session_setup.clone();
                 move |connection, _| {
                     let session_setup = session_setup.clone();
-                    Box::pin(async move {
-                        for statement in session_setup.iter() {
-                            sqlx::query(statement).execute(&mut *connection).await?;
-                        }
-                        Ok(())
-                    })
+                    Box::pin(async move { set_up_session(connection, &session_setup).await })
                 }
             })
             .connect(url)
@@ -641,12 +636,9 @@ impl SqlStore {
         let mut connection = sqlx::ConnectOptions::connect(&*self.pool.connect_options())
             .await
             .map_err(classify)?;
-        for statement in self.session_setup.iter() {
-            sqlx::query(statement)
-                .execute(&mut connection)
-                .await
-                .map_err(classify)?;
-        }
+        set_up_session(&mut connection, &self.session_setup)
+            .await
+            .map_err(classify)?;
         sqlx::query("ATTACH DATABASE $1 AS read_journal")
             .bind(journal.file.as_ref())
             .execute(&mut connection)
@@ -654,6 +646,17 @@ impl SqlStore {
             .map_err(classify)?;
         Ok(connection)
     }
+}
+
+/// Runs a new connection's session setup statements (see [`SqlStore::connect`]).
+async fn set_up_session(
+    connection: &mut sqlx::AnyConnection,
+    statements: &[String],
+) -> Result<(), sqlx::Error> {
+    for statement in statements {
+        sqlx::query(statement).execute(&mut *connection).await?;
+    }
+    Ok(())
 }
 
 /// The copy and the placement of [`SqlStore::copy_and_place`], on the copier's connection:
@@ -690,14 +693,11 @@ async fn copy_and_place_on(
     let copy_through = journal_last.min(progress + JOURNAL_COPY_BATCH);
     let copies = copy_through > progress;
     if copies {
-        sqlx::query(
-            "INSERT INTO audit_records (tenant, recorded_us, interaction, resource_type, \
-               resource_id, outcome, agent, patient, record) \
-             SELECT tenant, recorded_us, interaction, resource_type, resource_id, outcome, \
-               agent, patient, record \
+        sqlx::query(&format!(
+            "INSERT INTO audit_records ({AUDIT_COLUMNS}) SELECT {AUDIT_COLUMNS} \
              FROM read_journal.audit_journal WHERE journal_id > $1 AND journal_id <= $2 \
-             ORDER BY journal_id",
-        )
+             ORDER BY journal_id"
+        ))
         .bind(progress)
         .bind(copy_through)
         .execute(&mut *transaction)
@@ -2810,22 +2810,29 @@ async fn append_audit_rows_in(
 /// a few dozen statement shapes, each prepared once per connection.
 const AUDIT_EXACT_SHAPES: usize = 32;
 
+/// The columns of an audit record that its writer supplies, the same in `audit_records` and in
+/// the read-audit journal (the order [`insert_audit_rows`] binds them in).
+const AUDIT_COLUMNS: &str =
+    "tenant, recorded_us, interaction, resource_type, resource_id, outcome, agent, patient, record";
+
 /// Inserts `entries` as one multi-row statement and returns their record ids in order.
 async fn insert_audit_rows(
     connection: &mut sqlx::AnyConnection,
     table: AuditTable,
     entries: &[AuditEntry],
 ) -> StoreResult<Vec<i64>> {
-    const COLUMNS: usize = 9;
     let (table_name, id_column) = match table {
         AuditTable::Records => ("audit_records", "record_id"),
         AuditTable::ReadJournal => ("audit_journal", "journal_id"),
     };
     let statement = format!(
-        "INSERT INTO {table_name} (tenant, recorded_us, interaction, resource_type, \
-           resource_id, outcome, agent, patient, record) VALUES {} \
+        "INSERT INTO {table_name} ({AUDIT_COLUMNS}) VALUES {} \
          RETURNING {id_column} AS record_id",
-        values_placeholders(backend_of(connection), entries.len(), COLUMNS)
+        values_placeholders(
+            backend_of(connection),
+            entries.len(),
+            AUDIT_COLUMNS.split(',').count()
+        )
     );
     let mut query = sqlx::query(&statement);
     for entry in entries {

@@ -329,18 +329,25 @@ async fn a_failing_audit_fails_the_request(app: TestApp) {
 }
 both_backends!(fail_closed, super::a_failing_audit_fails_the_request);
 
-/// On SQLite a read's record commits first to the read-audit journal beside the database, and
-/// the sequencer copies it into the log. A record the journal still holds when the server
-/// stops (a crash right after the read was answered) is copied by the next process, exactly
-/// once, and the log verifies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_journal_record_is_copied_once_by_the_next_process() {
+/// A server on SQLite (where reads' records go through the read-audit journal) and the id of a
+/// Patient it holds.
+async fn sqlite_app_with_a_patient() -> (TestApp, String) {
     let app = spawn_app(Backend::Sqlite)
         .await
         .expect("SQLite always runs");
     let id = app
         .create_id(&json!({"resourceType": "Patient", "active": true}))
         .await;
+    (app, id)
+}
+
+/// On SQLite a read's record commits first to the read-audit journal beside the database, and
+/// the sequencer copies it into the log. A record the journal still holds when the server
+/// stops (a crash right after the read was answered) is copied by the next process, exactly
+/// once, and the log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_record_is_copied_once_by_the_next_process() {
+    let (app, id) = sqlite_app_with_a_patient().await;
     app.get_json(&format!("Patient/{id}"), 200).await;
     let reads = "SELECT COUNT(*) FROM audit_records WHERE interaction = 'read'";
     assert_eq!(
@@ -399,12 +406,7 @@ async fn a_journal_record_is_copied_once_by_the_next_process() {
 /// rows, and the log holds each read exactly once and verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copied_journal_records_are_deleted_and_kept_once() {
-    let app = spawn_app(Backend::Sqlite)
-        .await
-        .expect("SQLite always runs");
-    let id = app
-        .create_id(&json!({"resourceType": "Patient", "active": true}))
-        .await;
+    let (app, id) = sqlite_app_with_a_patient().await;
     let path = format!("Patient/{id}");
     let reads = 1_200;
     for _ in 0..reads / 50 {
