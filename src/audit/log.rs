@@ -267,7 +267,9 @@ pub fn start_checkpointer(
         let mut ticks = 0u32;
         loop {
             // Records take their place in the log within ~100 ms of their commit; one that
-            // commits with an id below records already placed, within about a second.
+            // commits with an id below records already placed, within about a second, at the
+            // sweep (a pass with a look back), which is also when SQLite's reads' records are
+            // copied from their journal (see `ReadAuditJournal` in src/store/sql.rs).
             tokio::time::sleep(Duration::from_millis(100)).await;
             ticks = ticks.wrapping_add(1);
             let lookback = if ticks.is_multiple_of(10) {

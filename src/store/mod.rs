@@ -552,7 +552,9 @@ pub trait Store: Send + Sync + 'static {
     /// how many were placed. It looks at the records above the highest record id placed, and
     /// at the `lookback` ids below it: a transaction still open while later records were
     /// placed commits with a lower id than theirs. With `lookback` 0 it only looks ahead, and
-    /// finds nothing new without a write.
+    /// finds nothing new without a write. On SQLite only a pass with a look back (a sweep: the
+    /// sequencer's once a second, and [`crate::audit::log::sequence_all`]) first copies the
+    /// read-audit journal's records into the log's table.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].

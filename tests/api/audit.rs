@@ -439,6 +439,76 @@ async fn copied_journal_records_are_deleted_and_kept_once() {
     assert!(ok, "the log verifies: {text}");
 }
 
+/// On SQLite the sequencer copies reads' records from their journal once a second, at its
+/// sweep (a pass with a look back), a second's reads in one batch; its other ticks place only
+/// the records committed to the log's own table (writes', with their data). Driven through the
+/// store, with no server and so no sequencer of its own running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_records_are_copied_at_the_sweep_and_writes_records_at_every_tick() {
+    use custodian::store::{AuditEntry, HeldConnection, SqlStore, Store};
+    let data_dir = std::env::temp_dir().join(format!("custodian-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&data_dir).expect("temp dir");
+    let url = format!("sqlite://{}/custodian.db?mode=rwc", data_dir.display());
+    let store = SqlStore::connect(&url.into(), 4, None)
+        .await
+        .expect("SQLite");
+    store.migrate().await.expect("migrations");
+    let entry = |interaction: &str| AuditEntry {
+        tenant: "default".into(),
+        recorded_us: 1,
+        interaction: interaction.into(),
+        resource_type: Some("Patient".into()),
+        resource_id: Some("p1".into()),
+        outcome: 200,
+        agent: Some("tester".into()),
+        patient: None,
+        record: format!("{{\"interaction\":\"{interaction}\"}}").into_bytes(),
+    };
+    // A read's record goes to the journal (the group-commit writer's path), a write's to the
+    // log's table (as a write's own transaction does).
+    let mut held = HeldConnection::default();
+    store
+        .append_audit_held(&mut held, &[entry("read")])
+        .await
+        .expect("journal append");
+    store
+        .append_audit(&[entry("create")])
+        .await
+        .expect("log append");
+    let placed = |store: &SqlStore| {
+        let store = store.clone();
+        async move { store.audit_size().await.expect("size") }
+    };
+    assert_eq!(
+        store.sequence_pending(100, 0).await.expect("tick"),
+        1,
+        "a tick places the write's record"
+    );
+    assert_eq!(
+        placed(&store).await,
+        1,
+        "and leaves the read's in the journal"
+    );
+    assert_eq!(
+        store.sequence_pending(100, 0).await.expect("tick"),
+        0,
+        "another tick copies nothing"
+    );
+    assert_eq!(
+        store.sequence_pending(100, 10_000).await.expect("sweep"),
+        1,
+        "the sweep copies the read's record and places it"
+    );
+    assert_eq!(placed(&store).await, 2);
+    assert_eq!(
+        store.sequence_pending(100, 10_000).await.expect("sweep"),
+        0,
+        "each record once"
+    );
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
 /// The sequencer's idle tick, ten times a second on every node, probes the two tables' highest
 /// ids and never reads either in full, however long the log grows (it once read every placed
 /// record per tick on PostgreSQL: a tenth of a core at 150,000 records).
