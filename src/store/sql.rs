@@ -75,9 +75,10 @@ pub struct SqlStore {
 /// indexes' ends, the by-patient leaf of each patient read) where ten batches wrote most of
 /// them ten times, and the readers drop their page caches once a second instead of ten times.
 /// Under the read benchmark, with the larger cache below, that took the copier's CPU per read
-/// from about 40 to about 20 µs (README, Benchmark). Writes' records, committed to `audit_records` with their data, are
-/// still placed at every tick. The copier's page cache holds a whole batch's pages
-/// ([`COPIER_CACHE`]), so that the copy does not read back pages it evicted itself.
+/// from about 40 to about 20 µs (README, Benchmark). Writes' records, committed to
+/// `audit_records` with their data, are still placed at every tick. The copier's page cache
+/// holds a whole batch's pages ([`COPIER_CACHE`]), so that the copy does not read back pages it
+/// evicted itself.
 ///
 /// The copy is one `INSERT … SELECT` inside SQLite, on a connection of the sequencer's own
 /// that has the journal attached: the records never travel to this process and back (through
