@@ -615,35 +615,21 @@ impl SqlStore {
         limit: i64,
         lookback: i64,
     ) -> StoreResult<i64> {
-        // Only a sweep copies (see [`ReadAuditJournal`]); the other ticks place writes' records.
-        if lookback == 0 {
+        // Only a sweep copies (see [`ReadAuditJournal`]); the other ticks place writes' records
+        // (a copy through journal id 0 copies nothing).
+        let journal_last: i64 = if lookback == 0 {
             if !self.records_await_placing().await? {
                 return Ok(0);
             }
-            return self
-                .copy_and_place_through(journal, 0, limit, lookback)
-                .await;
-        }
-        let journal_last: i64 =
+            0
+        } else {
             sqlx::query("SELECT COALESCE(MAX(journal_id), 0) FROM audit_journal")
                 .fetch_one(&journal.pool)
                 .await
                 .map_err(classify)?
                 .try_get(0)
-                .map_err(internal)?;
-        self.copy_and_place_through(journal, journal_last, limit, lookback)
-            .await
-    }
-
-    /// [`SqlStore::copy_and_place`] with the journal copied up to `journal_last` (0: nothing
-    /// copied, pending records placed).
-    async fn copy_and_place_through(
-        &self,
-        journal: &ReadAuditJournal,
-        journal_last: i64,
-        limit: i64,
-        lookback: i64,
-    ) -> StoreResult<i64> {
+                .map_err(internal)?
+        };
         let mut copier = journal.copier.lock().await;
         let _turn = self.sqlite_writer_turn().await?;
         let mut connection = match copier.take() {
