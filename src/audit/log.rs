@@ -91,7 +91,7 @@ async fn write_batches(
             // yield before the group closes, so that requests this runtime is about to finish
             // append their records to it: fewer, larger groups. Under 32 concurrent reads on
             // SQLite the journal writer's CPU per read (mostly the `fsync` of each commit) fell
-            // from 31–40 to 19–24 µs (README, Benchmark). A lone record is committed at once:
+            // from 31–40 to 19–24 µs (benches/README.md). A lone record is committed at once:
             // with one client the yield could only add latency.
             if (2..MAX_BATCH).contains(&batch.len()) {
                 tokio::task::yield_now().await;

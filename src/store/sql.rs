@@ -60,7 +60,7 @@ pub struct SqlStore {
 /// no index) instead of about 24 (the by-patient index takes a random page per record), it
 /// does not queue behind the writes for the main database's one writer, and it does not make
 /// every other connection drop its page cache of the main database (SQLite's WAL mode does so
-/// after each commit by another connection). Measured in README (Benchmark).
+/// after each commit by another connection). Measured in benches/README.md.
 ///
 /// Copying is exactly once across processes and restarts: the copied records, the journal's
 /// progress (`audit_journal_progress`, keyed by the journal's random identity, so a journal
@@ -75,7 +75,7 @@ pub struct SqlStore {
 /// indexes' ends, the by-patient leaf of each patient read) where ten batches wrote most of
 /// them ten times, and the readers drop their page caches once a second instead of ten times.
 /// Under the read benchmark, with the larger cache below, that took the copier's CPU per read
-/// from about 40 to about 20 µs (README, Benchmark). Writes' records, committed to
+/// from about 40 to about 20 µs (benches/README.md). Writes' records, committed to
 /// `audit_records` with their data, are still placed at every tick. The copier's page cache
 /// holds a whole batch's pages ([`COPIER_CACHE`]), so that the copy does not read back pages it
 /// evicted itself.
